@@ -1,0 +1,538 @@
+"""OCI image layout on disk: read index, manifest, config and blobs; verify digests.
+
+Also writes layouts: from a ``docker save`` stream (the Docker Engine's export) and
+from a single flat rootfs tarball (``oci2disk bootstrap``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+from oci2disk.errors import ImageError
+
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MT_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+
+INDEX_TYPES = {MT_OCI_INDEX, MT_DOCKER_LIST}
+MANIFEST_TYPES = {MT_OCI_MANIFEST, MT_DOCKER_MANIFEST}
+LAYER_COMPRESSION = {
+    MT_OCI_LAYER: "none",
+    MT_DOCKER_LAYER: "none",
+    MT_OCI_LAYER_GZIP: "gzip",
+    MT_DOCKER_LAYER_GZIP: "gzip",
+    MT_OCI_LAYER_ZSTD: "zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
+}
+REF_NAME = "org.opencontainers.image.ref.name"
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str = ""
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        parts = text.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ImageError(
+                f"bad platform {text!r}", hint="write it as OS/ARCH[/VARIANT], e.g. linux/arm64"
+            )
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else "")
+
+    def matches(self, other: Platform) -> bool:
+        return (
+            self.os == other.os
+            and self.architecture == other.architecture
+            and (not self.variant or not other.variant or self.variant == other.variant)
+        )
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    platform: Platform | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str) -> Descriptor:
+        try:
+            media_type = str(data.get("mediaType", ""))
+            digest = str(data["digest"])
+            size = int(data["size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ImageError(f"{where}: malformed descriptor ({exc})") from None
+        check_digest_syntax(digest, where)
+        plat = data.get("platform")
+        platform = None
+        if isinstance(plat, Mapping):
+            platform = Platform(
+                str(plat.get("os", "")),
+                str(plat.get("architecture", "")),
+                str(plat.get("variant", "")),
+            )
+        annotations = data.get("annotations") or {}
+        return cls(media_type, digest, size, dict(annotations), platform)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.size,
+        }
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        if self.platform is not None:
+            plat = {"os": self.platform.os, "architecture": self.platform.architecture}
+            if self.platform.variant:
+                plat["variant"] = self.platform.variant
+            out["platform"] = plat
+        return out
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The parts of the image config that oci2disk uses."""
+
+    os: str
+    architecture: str
+    variant: str
+    diff_ids: tuple[str, ...]
+    env: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    working_dir: str = ""
+    user: str = ""
+    created: str = ""
+
+    @property
+    def platform(self) -> Platform:
+        return Platform(self.os, self.architecture, self.variant)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str) -> ImageConfig:
+        rootfs = data.get("rootfs")
+        if not isinstance(rootfs, Mapping) or not isinstance(rootfs.get("diff_ids"), list):
+            raise ImageError(f"{where}: image config has no rootfs.diff_ids")
+        cfg = data.get("config") or {}
+        return cls(
+            os=str(data.get("os", "")),
+            architecture=str(data.get("architecture", "")),
+            variant=str(data.get("variant", "")),
+            diff_ids=tuple(str(d) for d in rootfs["diff_ids"]),
+            env=tuple(cfg.get("Env") or ()),
+            entrypoint=tuple(cfg.get("Entrypoint") or ()),
+            cmd=tuple(cfg.get("Cmd") or ()),
+            working_dir=str(cfg.get("WorkingDir") or ""),
+            user=str(cfg.get("User") or ""),
+            created=str(data.get("created") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class OciImage:
+    """One image manifest inside an OCI layout directory."""
+
+    layout: Path
+    manifest: Descriptor
+    config_descriptor: Descriptor
+    config: ImageConfig
+    layers: tuple[Descriptor, ...]
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    def blob_path(self, digest: str) -> Path:
+        return blob_path(self.layout, digest)
+
+
+def check_digest_syntax(digest: str, where: str) -> None:
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise ImageError(
+            f"{where}: unsupported or malformed digest {digest!r} (want sha256:<64 hex>)"
+        )
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    check_digest_syntax(digest, str(layout))
+    algo, _, hexpart = digest.partition(":")
+    return layout / "blobs" / algo / hexpart
+
+
+def verify_blob(layout: Path, desc: Descriptor) -> Path:
+    """Check a blob's size and sha256 against its descriptor; return its path."""
+    path = blob_path(layout, desc.digest)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(f"{layout}: blob {desc.digest} is missing") from None
+    if size != desc.size:
+        raise ImageError(
+            f"{layout}: blob {desc.digest} is {size} bytes, its descriptor says {desc.size}",
+            hint="the layout is truncated or corrupt; export the image again",
+        )
+    actual = sha256_file(path)
+    if actual != desc.digest:
+        raise ImageError(
+            f"{layout}: blob {desc.digest} has digest {actual}",
+            hint="the layout is corrupt; export the image again",
+        )
+    return path
+
+
+def read_json_blob(layout: Path, desc: Descriptor) -> dict[str, Any]:
+    path = verify_blob(layout, desc)
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise ImageError(f"{layout}: blob {desc.digest} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ImageError(f"{layout}: blob {desc.digest} is not a JSON object")
+    return data
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def open_layout(layout: Path, tag: str | None = None, platform: Platform | None = None) -> OciImage:
+    """Resolve ``tag`` (or the only manifest) in an OCI layout to an image."""
+    layout = Path(layout)
+    index_file = layout / "index.json"
+    if not (layout / "oci-layout").is_file() or not index_file.is_file():
+        raise ImageError(
+            f"{layout} is not an OCI image layout (no oci-layout or index.json)",
+            hint="make one with `skopeo copy`, `buildah push ... oci:DIR`, or `oci2disk bootstrap`",
+        )
+    try:
+        index = json.loads(index_file.read_bytes())
+    except ValueError as exc:
+        raise ImageError(f"{index_file}: not valid JSON ({exc})") from None
+    entries = [
+        Descriptor.from_json(m, f"{index_file} manifests[{i}]")
+        for i, m in enumerate(index.get("manifests") or [])
+    ]
+    if tag is not None:
+        chosen = [d for d in entries if d.annotations.get(REF_NAME) == tag]
+        if not chosen:
+            names = sorted({d.annotations.get(REF_NAME, "") for d in entries} - {""})
+            raise ImageError(
+                f"{layout}: no image tagged {tag!r}",
+                hint=f"tags present: {', '.join(names) or 'none'}",
+            )
+        entries = chosen
+    if not entries:
+        raise ImageError(f"{index_file}: the layout holds no images")
+    if len(entries) > 1 and platform is None:
+        entries = [_pick_single(layout, entries)]
+    return _resolve(layout, entries, platform, str(index_file))
+
+
+def _pick_single(layout: Path, entries: list[Descriptor]) -> Descriptor:
+    if all(d.platform is not None for d in entries):
+        host = host_platform()
+        for d in entries:
+            assert d.platform is not None
+            if d.platform.matches(host):
+                return d
+    names = sorted({d.annotations.get(REF_NAME, "") for d in entries} - {""})
+    raise ImageError(
+        f"{layout}: the layout holds {len(entries)} images; say which one",
+        hint=f"use oci:{layout}:TAG with one of: {', '.join(names) or '(untagged)'}",
+    )
+
+
+def _resolve(
+    layout: Path, entries: list[Descriptor], platform: Platform | None, where: str
+) -> OciImage:
+    if platform is not None and len(entries) > 1:
+        entries = [_by_platform(entries, platform, where)]
+    desc = entries[0]
+    if desc.media_type in INDEX_TYPES:
+        nested = read_json_blob(layout, desc)
+        children = [
+            Descriptor.from_json(m, f"{desc.digest} manifests[{i}]")
+            for i, m in enumerate(nested.get("manifests") or [])
+        ]
+        children = [c for c in children if c.media_type in MANIFEST_TYPES or not c.media_type]
+        want = platform or host_platform()
+        return _resolve(layout, [_by_platform(children, want, desc.digest)], None, desc.digest)
+    return load_manifest(layout, desc)
+
+
+def _by_platform(entries: list[Descriptor], want: Platform, where: str) -> Descriptor:
+    for d in entries:
+        if d.platform is not None and d.platform.matches(want):
+            return d
+    present = sorted(str(d.platform) for d in entries if d.platform is not None)
+    raise ImageError(
+        f"{where}: no image for platform {want}",
+        hint=f"platforms present: {', '.join(present) or 'none recorded'}",
+    )
+
+
+def load_manifest(layout: Path, desc: Descriptor) -> OciImage:
+    manifest = read_json_blob(layout, desc)
+    where = f"manifest {desc.digest}"
+    if "config" not in manifest:
+        raise ImageError(f"{layout}: {where} has no config")
+    config_desc = Descriptor.from_json(manifest["config"], f"{where} config")
+    layers = tuple(
+        Descriptor.from_json(layer, f"{where} layers[{i}]")
+        for i, layer in enumerate(manifest.get("layers") or [])
+    )
+    for layer in layers:
+        if layer.media_type not in LAYER_COMPRESSION:
+            raise ImageError(
+                f"{layout}: layer {layer.digest} has media type {layer.media_type!r}, "
+                "which oci2disk cannot read",
+                hint="supported: tar, tar+gzip and tar+zstd layers (OCI and Docker types)",
+            )
+    config = ImageConfig.from_json(
+        read_json_blob(layout, config_desc), f"config {config_desc.digest}"
+    )
+    if len(config.diff_ids) != len(layers):
+        raise ImageError(
+            f"{layout}: {where} has {len(layers)} layers but its config lists "
+            f"{len(config.diff_ids)} diff_ids"
+        )
+    return OciImage(layout, desc, config_desc, config, layers)
+
+
+def host_platform() -> Platform:
+    machine = os.uname().machine
+    arch = {
+        "x86_64": "amd64",
+        "aarch64": "arm64",
+        "armv7l": "arm",
+        "ppc64le": "ppc64le",
+        "s390x": "s390x",
+        "riscv64": "riscv64",
+    }.get(machine, machine)
+    return Platform("linux", arch, "v8" if arch == "arm64" else "")
+
+
+@contextmanager
+def open_layer(image: OciImage, desc: Descriptor) -> Iterator[IO[bytes]]:
+    """Open a layer blob as an uncompressed tar byte stream (digest checked first)."""
+    path = verify_blob(image.layout, desc)
+    kind = LAYER_COMPRESSION[desc.media_type]
+    with path.open("rb") as raw:
+        if kind == "none":
+            yield raw
+        elif kind == "gzip":
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                yield cast(IO[bytes], gz)
+        else:
+            yield _zstd_reader(raw)
+
+
+def _zstd_reader(raw: IO[bytes]) -> IO[bytes]:
+    try:
+        import zstandard
+    except ImportError:
+        raise ImageError(
+            "this image has zstd-compressed layers and the zstandard module is missing",
+            hint="pip install zstandard (it is part of oci2disk's dependencies)",
+        ) from None
+    return cast(IO[bytes], zstandard.ZstdDecompressor().stream_reader(raw))
+
+
+# ---------------------------------------------------------------- writing layouts
+
+
+class LayoutWriter:
+    """Builds an OCI layout in a directory; blobs are content addressed."""
+
+    def __init__(self, layout: Path) -> None:
+        self.layout = Path(layout)
+        (self.layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (self.layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+    def add_bytes(self, data: bytes, media_type: str) -> Descriptor:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        target = blob_path(self.layout, digest)
+        if not target.exists():
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        return Descriptor(media_type, digest, len(data))
+
+    def add_stream(self, stream: IO[bytes], media_type: str) -> Descriptor:
+        fd, tmpname = tempfile.mkstemp(dir=self.layout / "blobs" / "sha256", prefix=".in-")
+        h = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as out:
+            while chunk := stream.read(CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        digest = "sha256:" + h.hexdigest()
+        os.replace(tmpname, blob_path(self.layout, digest))
+        return Descriptor(media_type, digest, size)
+
+    def add_image(
+        self,
+        config: Mapping[str, Any],
+        layers: list[Descriptor],
+        tag: str | None,
+    ) -> Descriptor:
+        config_desc = self.add_bytes(canonical_json(config), MT_OCI_CONFIG)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_MANIFEST,
+            "config": config_desc.to_json(),
+            "layers": [layer.to_json() for layer in layers],
+        }
+        annotations = {REF_NAME: tag} if tag else {}
+        desc = self.add_bytes(canonical_json(manifest), MT_OCI_MANIFEST)
+        desc = Descriptor(desc.media_type, desc.digest, desc.size, annotations)
+        self._add_to_index(desc)
+        return desc
+
+    def _add_to_index(self, desc: Descriptor) -> None:
+        index_file = self.layout / "index.json"
+        manifests: list[dict[str, Any]] = []
+        if index_file.exists():
+            manifests = json.loads(index_file.read_bytes()).get("manifests", [])
+        tag = desc.annotations.get(REF_NAME)
+        if tag:  # a tag names one image: the new one replaces the old
+            manifests = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME) != tag]
+        manifests.append(desc.to_json())
+        index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests}
+        tmp = index_file.with_name("index.json.tmp")
+        tmp.write_bytes(canonical_json(index))
+        tmp.replace(index_file)
+
+
+def canonical_json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def layout_from_docker_archive(stream: IO[bytes], layout: Path, tag: str | None) -> OciImage:
+    """Turn a ``docker save`` tar (read as a stream) into an OCI layout.
+
+    Layers in a docker-archive are uncompressed tars, so each becomes an OCI
+    ``tar`` layer whose digest equals its diff_id; the config is kept byte for byte.
+    """
+    writer = LayoutWriter(layout)
+    by_name: dict[str, Descriptor] = {}
+    manifest_json: list[dict[str, Any]] | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                f = tar.extractfile(member)
+                assert f is not None
+                name = os.path.normpath(member.name)
+                if name == "manifest.json":
+                    manifest_json = json.loads(f.read())
+                elif name.endswith(".json") and "/" not in name and name != "repositories":
+                    by_name[name] = writer.add_bytes(f.read(), MT_OCI_CONFIG)
+                elif name.endswith(".tar") or name.startswith("blobs/"):
+                    by_name[name] = writer.add_stream(f, MT_OCI_LAYER)
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise ImageError(f"not a readable docker-archive ({exc})") from None
+    if not manifest_json:
+        raise ImageError("docker-archive has no manifest.json", hint="make it with `docker save`")
+    entry = manifest_json[0]
+    config_desc = by_name.get(os.path.normpath(entry["Config"]))
+    layer_descs = [by_name.get(os.path.normpath(p)) for p in entry["Layers"]]
+    if config_desc is None or any(d is None for d in layer_descs):
+        raise ImageError("docker-archive is incomplete: manifest.json names missing files")
+    layers = [d for d in layer_descs if d is not None]
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "config": config_desc.to_json(),
+        "layers": [layer.to_json() for layer in layers],
+    }
+    desc = writer.add_bytes(canonical_json(manifest), MT_OCI_MANIFEST)
+    desc = Descriptor(desc.media_type, desc.digest, desc.size, {REF_NAME: tag} if tag else {})
+    writer._add_to_index(desc)
+    return open_layout(layout, tag)
+
+
+def layout_from_rootfs_tar(
+    tar_path: Path,
+    layout: Path,
+    tag: str | None,
+    *,
+    platform: Platform | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> OciImage:
+    """Wrap one flat rootfs tarball (gzip or plain) as a single-layer OCI image."""
+    writer = LayoutWriter(layout)
+    with tar_path.open("rb") as raw:
+        magic = raw.read(2)
+        raw.seek(0)
+        stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if magic == b"\x1f\x8b" else raw  # type: ignore[assignment]
+        layer = writer.add_stream(stream, MT_OCI_LAYER)
+    plat = platform or host_platform()
+    image_config: dict[str, Any] = {
+        "architecture": plat.architecture,
+        "os": plat.os,
+        "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+        "config": dict(
+            config
+            or {
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Cmd": ["/bin/bash"],
+            }
+        ),
+    }
+    if plat.variant:
+        image_config["variant"] = plat.variant
+    writer.add_image(image_config, [layer], tag)
+    return open_layout(layout, tag)
+
+
+def copy_layout_image(image: OciImage, dest: Path, tag: str | None) -> OciImage:
+    """Copy one image (its manifest, config and layers) into another layout."""
+    writer = LayoutWriter(dest)
+    for desc in (image.manifest, image.config_descriptor, *image.layers):
+        target = blob_path(dest, desc.digest)
+        if not target.exists():
+            shutil.copyfile(image.blob_path(desc.digest), target)
+    annotations = {REF_NAME: tag} if tag else {}
+    writer._add_to_index(
+        Descriptor(
+            image.manifest.media_type, image.manifest.digest, image.manifest.size, annotations
+        )
+    )
+    return open_layout(dest, tag)
