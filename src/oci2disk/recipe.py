@@ -248,9 +248,12 @@ def _build(recipe_dir: Path, s: _Section) -> BuildSpec:
 
 
 def _disk(s: _Section) -> DiskSpec:
-    size_text = s.text("size", "auto") or "auto"
+    s.used.add("size")
+    size_value = s.data.get("size", "auto")
     try:
-        size = parse_size(size_text)
+        if not isinstance(size_value, str):
+            raise ValueError(size_value)
+        size = parse_size(size_value)
     except ValueError:
         raise s.error("size", 'a size like "4G" or "auto"') from None
     uuid = s.text("uuid")

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Idempotent host setup for oci2disk on Debian bookworm (also used by CI):
+#  - Debian packages, with e2fsprogs >= 1.47.1 from bookworm-backports
+#  - the Python environment in .venv (from Debian's python3, so unprivileged users can run it)
+#  - a running Docker Engine (there is no service manager: start dockerd and wait for it)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+PACKAGES=(
+  docker.io buildah umoci skopeo mmdebstrap
+  qemu-utils qemu-system-x86 mtools fdisk cpio util-linux
+  libarchive13 iptables ca-certificates debian-archive-keyring
+  zstd pigz xz-utils python3-venv python3-dev attr libcap2-bin
+)
+
+need_apt=0
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_apt=1
+done
+have_e2fs=$(dpkg-query -W -f='${Version}' e2fsprogs 2>/dev/null || echo 0)
+if ! dpkg --compare-versions "$have_e2fs" ge 1.47.1; then need_apt=1; fi
+
+if [ "$need_apt" = 1 ]; then
+  . /etc/os-release
+  if [ "${VERSION_CODENAME:-}" = bookworm ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "==> adding bookworm-backports (for e2fsprogs >= 1.47.1)"
+    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+      | $SUDO tee /etc/apt/sources.list.d/oci2disk-backports.sources >/dev/null
+  fi
+  echo "==> installing Debian packages"
+  $SUDO apt-get update -q
+  e2fs="e2fsprogs"
+  if [ "${VERSION_CODENAME:-}" = bookworm ]; then e2fs="e2fsprogs/bookworm-backports"; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${PACKAGES[@]}" "$e2fs"
+fi
+
+if [ ! -x .venv/bin/oci2disk ] || [ pyproject.toml -nt .venv/.installed ]; then
+  echo "==> creating the Python environment in .venv"
+  /usr/bin/python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch .venv/.installed
+fi
+
+if ! timeout 10 docker info >/dev/null 2>&1; then
+  echo "==> starting dockerd (log: /var/log/oci2disk-dockerd.log)"
+  $SUDO sh -c 'nohup dockerd >/var/log/oci2disk-dockerd.log 2>&1 &'
+  for _ in $(seq 1 60); do
+    timeout 5 docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  if ! timeout 10 docker info >/dev/null 2>&1; then
+    echo "error: dockerd did not start; see /var/log/oci2disk-dockerd.log" >&2
+    tail -20 /var/log/oci2disk-dockerd.log >&2 || true
+    exit 1
+  fi
+fi
+echo "==> host ready: $(/usr/sbin/mke2fs -V 2>&1 | head -1), docker $(docker version --format '{{.Server.Version}}')"

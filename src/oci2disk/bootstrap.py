@@ -1,0 +1,99 @@
+"""Base images without a registry: a Debian suite from a mirror, via mmdebstrap.
+
+The result goes where a Dockerfile's FROM can use it (``docker-daemon:NAME:TAG``) or
+into an OCI layout (``oci:DIR:TAG``).
+Host tools: mmdebstrap; dockerd for docker-daemon destinations.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from oci2disk import run
+from oci2disk.errors import UsageError
+from oci2disk.oci.layout import Platform, host_platform, layout_from_rootfs_tar
+from oci2disk.refs import ImageRef, Transport
+
+log = logging.getLogger("oci2disk.bootstrap")
+
+SUITES = ("bookworm", "trixie", "sid", "bullseye")
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_ARCH = {
+    "amd64": "amd64",
+    "arm64": "arm64",
+    "arm": "armhf",
+    "386": "i386",
+    "ppc64le": "ppc64el",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
+IMAGE_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class BootstrapSpec:
+    suite: str
+    dest: ImageRef
+    mirror: str = DEFAULT_MIRROR
+    variant: str = "minbase"
+    include: tuple[str, ...] = ()
+    platform: Platform | None = None
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    dest: ImageRef
+    image_id: str
+    tarball_bytes: int
+
+
+def bootstrap(spec: BootstrapSpec, workdir: Path) -> BootstrapResult:
+    if spec.suite not in SUITES:
+        raise UsageError(f"unknown suite {spec.suite!r}", hint=f"suites: {', '.join(SUITES)}")
+    if spec.dest.transport not in (Transport.DOCKER_DAEMON, Transport.OCI):
+        raise UsageError(
+            f"bootstrap cannot write to {spec.dest.transport.value}:",
+            hint="use --to docker-daemon:NAME:TAG or --to oci:DIR:TAG",
+        )
+    platform = spec.platform or host_platform()
+    arch = DEBIAN_ARCH.get(platform.architecture)
+    if arch is None:
+        raise UsageError(f"no Debian architecture for platform {platform}")
+    tarball = workdir / "rootfs.tar"
+    argv = [
+        "mmdebstrap",
+        f"--variant={spec.variant}",
+        f"--architectures={arch}",
+        "--format=tar",
+    ]
+    if spec.include:
+        argv.append("--include=" + ",".join(spec.include))
+    argv += [spec.suite, str(tarball), spec.mirror]
+    log.info("mmdebstrap %s (%s, %s) from %s", spec.suite, spec.variant, arch, spec.mirror)
+    run.run(
+        argv,
+        what=f"mmdebstrap of {spec.suite} failed",
+        hint=f"check that {spec.mirror} is reachable and the suite name is right",
+    )
+    size = tarball.stat().st_size
+    if spec.dest.transport is Transport.DOCKER_DAEMON:
+        from oci2disk.build import docker
+
+        image_id = docker.import_rootfs(
+            tarball,
+            spec.dest.name,
+            spec.dest.tag or "latest",
+            changes=[f"ENV {IMAGE_ENV}", 'CMD ["/bin/bash"]'],
+        )
+    else:
+        image = layout_from_rootfs_tar(
+            tarball,
+            spec.dest.path,
+            spec.dest.tag or spec.suite,
+            platform=platform,
+            config={"Env": [IMAGE_ENV], "Cmd": ["/bin/bash"]},
+        )
+        image_id = image.digest
+    return BootstrapResult(spec.dest, image_id, size)

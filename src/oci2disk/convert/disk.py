@@ -1,0 +1,359 @@
+"""Raw disks and bare filesystem images, written without any privileges.
+
+The partition table is written into the plain file by sfdisk; the ext2/3/4
+filesystem is created by ``mke2fs -d -`` reading the canonical rootfs tar on stdin
+and writing at ``-E offset=`` straight into the partition. Ownership, modes, device
+nodes and file capabilities come from the tar headers, so nothing is extracted onto the
+host and no loop device, mount or namespace is needed. mke2fs keeps only the
+``security.capability`` xattr from a tarball; any other xattr is set afterwards with
+``debugfs -w`` on the same file.
+
+Host tools: mke2fs and debugfs (e2fsprogs >= 1.47.1), sfdisk (fdisk).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import subprocess
+import tempfile
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import BinaryIO, cast
+
+from oci2disk import run
+from oci2disk.errors import ConvertError, ToolMissingError
+from oci2disk.flatten import Entry, ExtraFile, FlatRootfs, Kind, RootfsStats
+from oci2disk.recipe import DiskSpec, FstabMode, FsType, Table
+
+log = logging.getLogger("oci2disk.disk")
+
+MiB = 1 << 20
+BLOCK = 4096
+SECTOR = 512
+PART_START = 1 * MiB  # first partition at 1 MiB, aligned for every disk and bootloader
+GPT_TAIL = 1 * MiB  # room for the backup GPT, kept aligned
+MIN_MKE2FS = (1, 47, 1)
+# Features that e2fsprogs 1.47 turns on by default but kernels before 5.15 (and GRUB
+# before 2.12) cannot mount; a disk image should boot with the kernels users still run.
+COMPAT_FEATURES = "^orphan_file,^metadata_csum_seed"
+# Only this xattr survives mke2fs's tarball reader (see module docstring).
+MKE2FS_KEPT_XATTRS = frozenset({"security.capability"})
+UUID_NAMESPACE = uuidlib.UUID("6f1c1d8e-58a4-4d0e-9a4f-0c12d0a5e7b1")
+
+
+@dataclass(frozen=True)
+class DiskLayout:
+    """Where the filesystem sits in the output file."""
+
+    table: Table
+    disk_bytes: int
+    fs_offset: int
+    fs_bytes: int
+
+    @property
+    def root_partition(self) -> int | None:
+        return None if self.table is Table.NONE else 1
+
+
+@dataclass(frozen=True)
+class FsIdentity:
+    uuid: str
+    label: str
+    fs: FsType
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    minimum: int  # bytes the filesystem cannot be smaller than
+    auto: int  # minimum plus headroom: what size "auto" gives
+
+
+def derive_uuid(*parts: str) -> str:
+    """A UUID that depends only on its inputs, so builds are reproducible."""
+    return str(uuidlib.uuid5(UUID_NAMESPACE, "\0".join(parts)))
+
+
+def estimate_fs_bytes(stats: RootfsStats, fs: FsType) -> SizeEstimate:
+    """Bytes an ext filesystem needs for this content.
+
+    minimum = data blocks (each file rounded up to a block, estimated as half a block
+    of slack per file) + one block per directory + the inode table (256 bytes per inode,
+    inodes = entries x 1.25 + 1024) + the journal (ext3/ext4) + 2% for bitmaps, group
+    descriptors and extent blocks.
+    auto = minimum x 1.2 + 128 MiB, rounded up to a MiB: room to install a few packages
+    and for logs without making the image much larger than its content.
+    """
+    data = stats.data_bytes + stats.files * BLOCK // 2 + stats.dirs * BLOCK
+    inodes = inode_count(stats, 0)
+    metadata = inodes * 256
+    base = (data + metadata) * 102 // 100 + 4 * MiB
+    journal = journal_bytes(base) if fs is not FsType.EXT2 else 0
+    minimum = round_up(base + journal, MiB)
+    auto = round_up(int(minimum * 1.2) + 128 * MiB, MiB)
+    auto = round_up(auto + journal_bytes(auto) - journal, MiB) if journal else auto
+    return SizeEstimate(minimum, auto)
+
+
+def journal_bytes(fs_bytes: int) -> int:
+    """The journal mke2fs picks for a filesystem of this size (ext2fs_default_journal_size)."""
+    blocks = fs_bytes // BLOCK
+    for limit, size in (
+        (32768, 1024),
+        (256 * 1024, 4096),
+        (512 * 1024, 8192),
+        (4096 * 1024, 16384),
+        (8192 * 1024, 32768),
+        (16384 * 1024, 65536),
+        (32768 * 1024, 131072),
+    ):
+        if blocks < limit:
+            return size * BLOCK
+    return 262144 * BLOCK
+
+
+def inode_count(stats: RootfsStats, fs_bytes: int) -> int:
+    """Enough inodes for the content with room to grow, never fewer than mke2fs's default."""
+    return max(int(stats.entries * 1.25) + 1024, fs_bytes // 16384)
+
+
+def round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def plan_layout(stats: RootfsStats, spec: DiskSpec) -> DiskLayout:
+    """Pick the disk size and where the filesystem goes; refuse a fixed size that is too small."""
+    estimate = estimate_fs_bytes(stats, spec.fs)
+    if spec.table is Table.NONE:
+        head, tail = 0, 0
+    else:
+        head, tail = PART_START, (GPT_TAIL if spec.table is Table.GPT else 0)
+    if spec.size is None:
+        fs_bytes = estimate.auto
+        disk_bytes = head + fs_bytes + tail
+    else:
+        disk_bytes = round_up(spec.size, MiB) if spec.table is not Table.NONE else spec.size
+        fs_bytes = (disk_bytes - head - tail) // BLOCK * BLOCK
+        if fs_bytes < estimate.minimum:
+            raise too_small(spec.size, estimate, head + tail)
+    return DiskLayout(spec.table, disk_bytes, head, fs_bytes)
+
+
+def too_small(size: int, estimate: SizeEstimate, overhead: int) -> ConvertError:
+    need = estimate.minimum + overhead
+    return ConvertError(
+        f"the requested size {human(size)} is too small for this image: its content needs "
+        f"at least {human(need)} ({need} bytes)",
+        hint=f"use --size auto (gives {human(estimate.auto + overhead)}) or a size of at "
+        f"least {math.ceil(need / MiB)}M",
+    )
+
+
+def human(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def fstab_text(identity: FsIdentity, mode: FstabMode) -> str:
+    source = f"UUID={identity.uuid}" if mode is FstabMode.UUID else f"LABEL={identity.label}"
+    options = "errors=remount-ro" if identity.fs is not FsType.EXT2 else "defaults"
+    passno = 1
+    return (
+        "# /etc/fstab: written by oci2disk for the root filesystem it created\n"
+        f"{source}\t/\t{identity.fs.value}\t{options}\t0\t{passno}\n"
+    )
+
+
+def generated_files(root: FlatRootfs, identity: FsIdentity, mode: FstabMode) -> list[ExtraFile]:
+    """Files oci2disk writes into the image (they are listed in the build manifest)."""
+    if mode is FstabMode.NONE:
+        return []
+    etc = root.lookup("etc")
+    if etc is None or etc.kind is not Kind.DIR:
+        log.warning("the image has no /etc directory; not writing /etc/fstab")
+        return []
+    return [ExtraFile("etc/fstab", fstab_text(identity, mode).encode())]
+
+
+@cache
+def mke2fs_version() -> tuple[int, int, int]:
+    proc = run.run(["mke2fs", "-V"], check=False)
+    text = (proc.stderr + proc.stdout).decode(errors="replace")
+    match = re.search(r"mke2fs (\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not match:
+        raise ToolMissingError(f"cannot tell the version of mke2fs from {text.strip()!r}")
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
+def require_mke2fs() -> None:
+    version = mke2fs_version()
+    if version < MIN_MKE2FS:
+        have = ".".join(map(str, version))
+        raise ToolMissingError(
+            f"mke2fs {have} cannot read a tarball; oci2disk needs e2fsprogs >= 1.47.1 "
+            "(mke2fs -d TARBALL keeps ownership without root)",
+            hint="on Debian bookworm: add bookworm-backports to the apt sources and run "
+            "`apt-get install -t bookworm-backports e2fsprogs libarchive13` (./setup.sh does it)",
+        )
+
+
+def write_partition_table(path: Path, layout: DiskLayout, identity: FsIdentity) -> None:
+    """Write an MBR or GPT with one Linux partition into the file (no device involved)."""
+    start = layout.fs_offset // SECTOR
+    sectors = layout.fs_bytes // SECTOR
+    disk_id = uuidlib.UUID(derive_uuid("disk", identity.uuid))
+    if layout.table is Table.MBR:
+        script = (
+            "label: dos\n"
+            f"label-id: 0x{disk_id.int & 0xFFFFFFFF:08x}\n"
+            f"start={start}, size={sectors}, type=83, bootable\n"
+        )
+    else:
+        part_uuid = derive_uuid("partition", identity.uuid)
+        script = (
+            "label: gpt\n"
+            f"label-id: {disk_id}\n"
+            f"start={start}, size={sectors}, "
+            "type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, "
+            f'uuid={part_uuid}, name="{identity.label or "root"}"\n'
+        )
+    run.run(
+        ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "--wipe=always", str(path)],
+        input=script.encode(),
+        what="writing the partition table failed",
+    )
+
+
+def write_filesystem(
+    root: FlatRootfs,
+    path: Path,
+    layout: DiskLayout,
+    identity: FsIdentity,
+    *,
+    extra: Sequence[ExtraFile],
+    timestamp: int,
+    wrap: Callable[[BinaryIO], BinaryIO] | None = None,
+) -> None:
+    """Create the filesystem in ``path`` at ``layout.fs_offset`` from the rootfs stream."""
+    require_mke2fs()
+    blocks = layout.fs_bytes // BLOCK
+    options = ["root_owner=0:0", f"hash_seed={derive_uuid('hash', identity.uuid)}"]
+    if layout.fs_offset:
+        options.insert(0, f"offset={layout.fs_offset}")
+    argv = [
+        "mke2fs",
+        "-q",
+        "-F",
+        "-t",
+        identity.fs.value,
+        "-b",
+        str(BLOCK),
+        "-N",
+        str(inode_count(root.stats, layout.fs_bytes)),
+        "-L",
+        identity.label,
+        "-U",
+        identity.uuid,
+        "-E",
+        ",".join(options),
+        "-d",
+        "-",
+    ]
+    if identity.fs is FsType.EXT4:
+        argv += ["-O", COMPAT_FEATURES]
+    argv += [str(path), str(blocks)]
+    env = {"E2FSPROGS_FAKE_TIME": str(timestamp), "MKE2FS_DEVICE_SECTSIZE": "512"}
+    with tempfile.TemporaryFile() as errfile:
+        proc = run.start(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errfile, env=env
+        )
+        assert proc.stdin is not None
+        broken = False
+        try:
+            stdin = cast(BinaryIO, proc.stdin)
+            sink = wrap(stdin) if wrap else stdin
+            root.write_tar(sink, extra=extra)
+        except BrokenPipeError:
+            broken = True  # mke2fs stopped reading; its exit status says why
+        finally:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                broken = True
+            code = proc.wait()
+        errfile.seek(0)
+        stderr = errfile.read()
+    if code != 0 or broken:
+        text = stderr.decode(errors="replace")
+        if (
+            "Could not allocate block" in text
+            or "No space left" in text
+            or ("inode" in text.lower() and "allocate" in text.lower())
+        ):
+            raise too_small(
+                layout.fs_bytes + layout.fs_offset,
+                estimate_fs_bytes(root.stats, identity.fs),
+                layout.fs_offset,
+            )
+        hint = None
+        if "libarchive" in text:
+            hint = "install libarchive13 (mke2fs loads it to read tarballs)"
+        raise run.command_error(argv, code, stderr, what="mke2fs failed", hint=hint)
+
+
+def apply_extra_xattrs(root: FlatRootfs, path: Path, layout: DiskLayout, workdir: Path) -> int:
+    """Set the xattrs that mke2fs's tarball reader dropped; return how many were set."""
+    commands: list[str] = []
+    count = 0
+    values = workdir / "xattr-values"
+    for entry in root.entries():
+        if entry.kind is Kind.HARDLINK:
+            continue  # xattrs live on the inode, set once through its first name
+        for name, value in entry.xattrs:
+            if name in MKE2FS_KEPT_XATTRS:
+                continue
+            values.mkdir(exist_ok=True)
+            value_file = values / str(count)
+            value_file.write_bytes(value)
+            commands.append(
+                f"ea_set -f {quote(str(value_file))} {quote('/' + _fs_path(entry))} {quote(name)}"
+            )
+            count += 1
+    if not commands:
+        return 0
+    script = workdir / "xattrs.debugfs"
+    script.write_text("\n".join(commands) + "\n", errors="surrogateescape")
+    device = f"{path}?offset={layout.fs_offset}" if layout.fs_offset else str(path)
+    proc = run.run(
+        ["debugfs", "-w", "-f", str(script), device], what="setting xattrs with debugfs failed"
+    )
+    # debugfs reports command errors on stderr but still exits 0.
+    errors = [
+        line
+        for line in proc.stderr.decode(errors="replace").splitlines()
+        if line.strip() and not line.startswith("debugfs ")
+    ]
+    if errors:
+        raise ConvertError("debugfs could not set every xattr:\n" + "\n".join(errors[-10:]))
+    return count
+
+
+def _fs_path(entry: Entry) -> str:
+    return "" if entry.path == "." else entry.path
+
+
+def quote(text: str) -> str:
+    """Quote one argument for debugfs's command parser (libss)."""
+    if any(c in text for c in '"\n\r\0'):
+        raise ConvertError(
+            f"cannot set an xattr on {text!r}: the name holds a quote or newline, "
+            "which debugfs cannot take"
+        )
+    return f'"{text}"'

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command: set up the host if needed, then lint, type-check and run every test
+# (slow ones included: they build images with the real Docker Engine and boot QEMU).
+set -euo pipefail
+cd "$(dirname "$0")"
+./setup.sh
+.venv/bin/ruff check src tests bench
+.venv/bin/ruff format --check src tests bench
+.venv/bin/mypy
+.venv/bin/pytest "$@"
