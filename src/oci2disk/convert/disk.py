@@ -13,6 +13,8 @@ Host tools: mke2fs and debugfs (e2fsprogs >= 1.47.1), sfdisk (fdisk).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import re
@@ -43,6 +45,7 @@ MIN_MKE2FS = (1, 47, 1)
 COMPAT_FEATURES = "^orphan_file,^metadata_csum_seed"
 # Only this xattr survives mke2fs's tarball reader (see module docstring).
 MKE2FS_KEPT_XATTRS = frozenset({"security.capability"})
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 UUID_NAMESPACE = uuidlib.UUID("6f1c1d8e-58a4-4d0e-9a4f-0c12d0a5e7b1")
 
 
@@ -275,6 +278,7 @@ def write_filesystem(
             argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errfile, env=env
         )
         assert proc.stdin is not None
+        _widen_pipe(proc.stdin.fileno())
         broken = False
         try:
             stdin = cast(BinaryIO, proc.stdin)
@@ -306,6 +310,16 @@ def write_filesystem(
         if "libarchive" in text:
             hint = "install libarchive13 (mke2fs loads it to read tarballs)"
         raise run.command_error(argv, code, stderr, what="mke2fs failed", hint=hint)
+
+
+def _widen_pipe(fd: int) -> None:
+    """Give the pipe into mke2fs 1 MiB of buffer.
+
+    libarchive reads stdin 4 KiB at a time; with the default 64 KiB pipe the two
+    processes ping-pong and mke2fs takes about 20% longer (measured here).
+    """
+    with contextlib.suppress(OSError):  # a lower pipe-max-size limit only costs speed
+        fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
 
 
 def apply_extra_xattrs(root: FlatRootfs, path: Path, layout: DiskLayout, workdir: Path) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -189,6 +190,20 @@ def blob_path(layout: Path, digest: str) -> Path:
     return layout / "blobs" / algo / hexpart
 
 
+# Blobs whose digest this process computed itself (while writing or verifying them),
+# keyed by file identity, so a multi-GB layer is hashed once per run, not once per reader.
+_VERIFIED: dict[tuple[int, int, int, int], str] = {}
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def remember_verified(path: Path, digest: str) -> None:
+    _VERIFIED[_identity(path)] = digest
+
+
 def verify_blob(layout: Path, desc: Descriptor) -> Path:
     """Check a blob's size and sha256 against its descriptor; return its path."""
     path = blob_path(layout, desc.digest)
@@ -196,18 +211,57 @@ def verify_blob(layout: Path, desc: Descriptor) -> Path:
         size = path.stat().st_size
     except FileNotFoundError:
         raise ImageError(f"{layout}: blob {desc.digest} is missing") from None
+    if _VERIFIED.get(_identity(path)) == desc.digest and size == desc.size:
+        return path
     if size != desc.size:
         raise ImageError(
             f"{layout}: blob {desc.digest} is {size} bytes, its descriptor says {desc.size}",
             hint="the layout is truncated or corrupt; export the image again",
         )
     actual = sha256_file(path)
+    remember_verified(path, actual)
     if actual != desc.digest:
         raise ImageError(
             f"{layout}: blob {desc.digest} has digest {actual}",
             hint="the layout is corrupt; export the image again",
         )
     return path
+
+
+def open_verified_blob(layout: Path, desc: Descriptor) -> IO[bytes]:
+    """Open a blob and check its size and sha256 through the open file.
+
+    The caller goes on reading the very file that was checked, even if the blob's name
+    is replaced meanwhile. The file is positioned at its start.
+    """
+    path = blob_path(layout, desc.digest)
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise ImageError(f"{layout}: blob {desc.digest} is missing") from None
+    try:
+        size = os.fstat(f.fileno()).st_size
+        if size != desc.size:
+            raise ImageError(
+                f"{layout}: blob {desc.digest} is {size} bytes, its descriptor says {desc.size}",
+                hint="the layout is truncated or corrupt; export the image again",
+            )
+        st = os.fstat(f.fileno())
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if _VERIFIED.get(identity) == desc.digest:
+            return f  # hashed by this process already (written by LayoutWriter)
+        actual = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        _VERIFIED[identity] = actual
+        if actual != desc.digest:
+            raise ImageError(
+                f"{layout}: blob {desc.digest} has digest {actual}",
+                hint="the layout is corrupt; export the image again",
+            )
+        f.seek(0)
+        return f
+    except BaseException:
+        f.close()
+        raise
 
 
 def read_json_blob(layout: Path, desc: Descriptor) -> dict[str, Any]:
@@ -349,9 +403,8 @@ def host_platform() -> Platform:
 @contextmanager
 def open_layer(image: OciImage, desc: Descriptor) -> Iterator[IO[bytes]]:
     """Open a layer blob as an uncompressed tar byte stream (digest checked first)."""
-    path = verify_blob(image.layout, desc)
     kind = LAYER_COMPRESSION[desc.media_type]
-    with path.open("rb") as raw:
+    with open_verified_blob(image.layout, desc) as raw:
         if kind == "none":
             yield raw
         elif kind == "gzip":
@@ -402,7 +455,9 @@ class LayoutWriter:
                 out.write(chunk)
                 size += len(chunk)
         digest = "sha256:" + h.hexdigest()
-        os.replace(tmpname, blob_path(self.layout, digest))
+        target = blob_path(self.layout, digest)
+        os.replace(tmpname, target)
+        remember_verified(target, digest)
         return Descriptor(media_type, digest, size)
 
     def add_image(
@@ -443,39 +498,71 @@ def canonical_json(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
+_MAGIC_MEDIA_TYPES = (
+    (b"\x1f\x8b", MT_OCI_LAYER_GZIP),
+    (b"\x28\xb5\x2f\xfd", MT_OCI_LAYER_ZSTD),
+)
+
+
 def layout_from_docker_archive(stream: IO[bytes], layout: Path, tag: str | None) -> OciImage:
     """Turn a ``docker save`` tar (read as a stream) into an OCI layout.
 
-    Layers in a docker-archive are uncompressed tars, so each becomes an OCI
-    ``tar`` layer whose digest equals its diff_id; the config is kept byte for byte.
+    Layers are kept byte for byte: an uncompressed layer becomes an OCI ``tar`` layer
+    whose digest equals its diff_id, a gzip or zstd one (``docker load`` takes those
+    too) keeps its compression. ``docker save`` writes a layer that occurs twice once,
+    and the second name as a symlink to the first; such links are followed inside
+    the archive only. The config is kept byte for byte.
     """
     writer = LayoutWriter(layout)
     by_name: dict[str, Descriptor] = {}
+    links: dict[str, str] = {}
     manifest_json: list[dict[str, Any]] | None = None
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
+                name = os.path.normpath(member.name)
+                if member.issym() or member.islnk():
+                    base = os.path.dirname(name) if member.issym() else ""
+                    links[name] = os.path.normpath(os.path.join(base, member.linkname))
+                    continue
                 if not member.isfile():
                     continue
                 f = tar.extractfile(member)
                 assert f is not None
-                name = os.path.normpath(member.name)
                 if name == "manifest.json":
                     manifest_json = json.loads(f.read())
                 elif name.endswith(".json") and "/" not in name and name != "repositories":
                     by_name[name] = writer.add_bytes(f.read(), MT_OCI_CONFIG)
                 elif name.endswith(".tar") or name.startswith("blobs/"):
-                    by_name[name] = writer.add_stream(f, MT_OCI_LAYER)
+                    magic = cast(io.BufferedReader, f).peek(4)[:4]
+                    media_type = next(
+                        (mt for prefix, mt in _MAGIC_MEDIA_TYPES if magic.startswith(prefix)),
+                        MT_OCI_LAYER,
+                    )
+                    by_name[name] = writer.add_stream(f, media_type)
     except (tarfile.TarError, OSError, ValueError) as exc:
         raise ImageError(f"not a readable docker-archive ({exc})") from None
-    if not manifest_json:
+    if not manifest_json or not isinstance(manifest_json, list):
         raise ImageError("docker-archive has no manifest.json", hint="make it with `docker save`")
+
+    def find(name: str) -> Descriptor | None:
+        name = os.path.normpath(name)
+        for _ in range(len(links) + 1):  # a chain of links, but never a loop
+            if name in by_name:
+                return by_name[name]
+            if name not in links:
+                return None
+            name = links[name]
+        return None
+
     entry = manifest_json[0]
-    config_desc = by_name.get(os.path.normpath(entry["Config"]))
-    layer_descs = [by_name.get(os.path.normpath(p)) for p in entry["Layers"]]
+    config_desc = find(entry["Config"])
+    layer_descs = [find(p) for p in entry["Layers"]]
     if config_desc is None or any(d is None for d in layer_descs):
         raise ImageError("docker-archive is incomplete: manifest.json names missing files")
     layers = [d for d in layer_descs if d is not None]
+    # Docker >= 25 stores the config under blobs/ too, beside the layers.
+    config_desc = Descriptor(MT_OCI_CONFIG, config_desc.digest, config_desc.size)
     manifest = {
         "schemaVersion": 2,
         "mediaType": MT_OCI_MANIFEST,
