@@ -35,25 +35,13 @@ def sh(*argv: str, stdin: int | None = None, stdout: int | None = None) -> None:
     subprocess.run(argv, check=True, stdin=stdin, stdout=stdout or subprocess.DEVNULL)
 
 
-def oci2disk_method(image: str, work: Path) -> None:
+def oci2disk_method(source: str, work: Path) -> None:
     raw = work / "disk.raw"
-    sh(
-        sys.executable,
-        "-m",
-        "oci2disk.cli",
-        "-q",
-        "convert",
-        f"docker-daemon:{image}",
-        "-f",
-        "raw",
-        "-o",
-        str(raw),
-    )
+    sh(sys.executable, "-m", "oci2disk.cli", "-q", "convert", source, "-f", "raw", "-o", str(raw))
     sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2"))
 
 
-def loop_method(image: str, work: Path, size_bytes: int) -> None:
-    raw, mnt, tar = work / "disk.raw", work / "mnt", work / "rootfs.tar"
+def docker_export(image: str, tar: Path) -> None:
     container = subprocess.run(
         ["docker", "create", image, "/bin/true"], check=True, capture_output=True, text=True
     ).stdout.strip()
@@ -62,11 +50,18 @@ def loop_method(image: str, work: Path, size_bytes: int) -> None:
             sh("docker", "export", container, stdout=f.fileno())
     finally:
         sh("docker", "rm", container)
+
+
+def loop_method(image: str, tar: Path | None, work: Path, size_bytes: int) -> None:
+    """The classic way; with ``tar`` given, start from that export instead of the engine."""
+    raw, mnt = work / "disk.raw", work / "mnt"
+    if tar is None:
+        tar = work / "rootfs.tar"
+        docker_export(image, tar)
     sh("truncate", "-s", str(size_bytes), str(raw))
-    sfdisk = subprocess.run(
+    subprocess.run(
         ["sfdisk", "-q", str(raw)], input=b"start=2048, type=83\n", check=True, capture_output=True
     )
-    del sfdisk
     loop = subprocess.run(
         ["losetup", "-f", "--show", "-o", str(MiB), str(raw)],
         check=True,
@@ -121,6 +116,22 @@ def measure(fn: Callable[[Path], None]) -> tuple[float, int]:
         return seconds, peak
 
 
+def compare(title: str, methods: dict[str, Callable[[Path], None]], runs: int) -> None:
+    print(f"\n{title}")
+    results: dict[str, list[tuple[float, int]]] = {name: [] for name in methods}
+    for i in range(runs):
+        for name, fn in methods.items():
+            seconds, peak = measure(fn)
+            results[name].append((seconds, peak))
+            print(f"  run {i + 1}  {name:<10}  {seconds:6.2f} s  peak RSS {peak / 1024:6.1f} MiB")
+    med = {name: statistics.median(s for s, _ in r) for name, r in results.items()}
+    peaks = {name: max(p for _, p in r) for name, r in results.items()}
+    for name in results:
+        print(f"  {name:<10} median {med[name]:6.2f} s   peak RSS {peaks[name] / 1024:6.1f} MiB")
+    first, second = list(methods)
+    print(f"  ratio {first} / {second} (median wall time): {med[first] / med[second]:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--image", default="oci2disk-recipe/debian-qemu:latest")
@@ -128,32 +139,34 @@ def main() -> None:
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the loop-mount method needs root: run this with sudo")
-    for tool in ("losetup", "mkfs.ext4", "qemu-img", "docker", "sfdisk"):
+    for tool in ("losetup", "mkfs.ext4", "qemu-img", "docker", "sfdisk", "skopeo"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing")
-    # Same disk size for both: what oci2disk picks with --size auto.
-    with tempfile.TemporaryDirectory() as tmp:
-        oci2disk_method(args.image, Path(tmp))
-        size = (Path(tmp) / "disk.raw").stat().st_size
-    print(f"image {args.image}, disk size {size / MiB:.0f} MiB, {args.runs} runs each, alternating")
-    results: dict[str, list[tuple[float, int]]] = {"oci2disk": [], "loop-mount": []}
-    methods: dict[str, Callable[[Path], None]] = {
-        "oci2disk": lambda w: oci2disk_method(args.image, w),
-        "loop-mount": lambda w: loop_method(args.image, w, size),
-    }
-    for i in range(args.runs):
-        for name, fn in methods.items():
-            seconds, peak = measure(fn)
-            results[name].append((seconds, peak))
-            print(f"  run {i + 1}  {name:<10}  {seconds:6.2f} s  peak RSS {peak / 1024:6.1f} MiB")
-    med = {name: statistics.median(s for s, _ in runs) for name, runs in results.items()}
-    peaks = {name: max(p for _, p in runs) for name, runs in results.items()}
-    print()
-    for name in results:
-        print(f"{name:<10} median {med[name]:6.2f} s   peak RSS {peaks[name] / 1024:6.1f} MiB")
-    print(
-        f"ratio oci2disk / loop-mount (wall time, median): {med['oci2disk'] / med['loop-mount']:.2f}"
-    )
+    with tempfile.TemporaryDirectory(prefix="oci2disk-bench-src-") as tmp:
+        src = Path(tmp)
+        # Same disk size for both: what oci2disk picks with --size auto.
+        oci2disk_method(f"docker-daemon:{args.image}", src)
+        size = (src / "disk.raw").stat().st_size
+        # Each method's own export, made once, for the conversion-only comparison.
+        docker_export(args.image, src / "rootfs.tar")
+        sh("skopeo", "copy", f"docker-daemon:{args.image}", f"oci:{src / 'layout'}:img")
+        print(f"image {args.image}, disk {size / MiB:.0f} MiB, {args.runs} runs each, alternating")
+        compare(
+            "from the image in the Docker Engine (docker save vs docker export included):",
+            {
+                "oci2disk": lambda w: oci2disk_method(f"docker-daemon:{args.image}", w),
+                "loop-mount": lambda w: loop_method(args.image, None, w, size),
+            },
+            args.runs,
+        )
+        compare(
+            "conversion only (from an OCI layout vs from the docker export tar, both on disk):",
+            {
+                "oci2disk": lambda w: oci2disk_method(f"oci:{src / 'layout'}:img", w),
+                "loop-mount": lambda w: loop_method(args.image, src / "rootfs.tar", w, size),
+            },
+            args.runs,
+        )
 
 
 if __name__ == "__main__":

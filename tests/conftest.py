@@ -42,3 +42,19 @@ def outdir() -> Iterator[Path]:
     path.chmod(0o777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def debian_qemu_build(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`oci2disk build recipes/debian-qemu` (raw + qcow2), once per test session."""
+    out = tmp_path_factory.mktemp("debian-qemu")
+    result = oci2disk(
+        "build",
+        str(ROOT / "recipes" / "debian-qemu"),
+        "-o",
+        str(out),
+        "--build-arg",
+        f"BASE={base_image}",
+    )
+    assert result.code == 0, result.stderr
+    return out

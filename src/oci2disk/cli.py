@@ -281,7 +281,7 @@ def cmd_boot(args: argparse.Namespace, progress: Progress) -> int:
         log_path=args.log,
         memory_mb=args.memory,
         progress=progress,
-        echo=args.verbose,
+        echo=(lambda line: print(f"    | {line}", file=sys.stderr)) if args.verbose else None,
     )
     if result.matched:
         print(

@@ -78,6 +78,7 @@ class KnownManifest:
     path: Path
     generated: tuple[str, ...]
     root_partition: int | None
+    filesystem_uuid: str | None
 
 
 def find_for_artifact(artifact: Path) -> KnownManifest | None:
@@ -91,6 +92,9 @@ def find_for_artifact(artifact: Path) -> KnownManifest | None:
         paths = {Path(a.get("path", "")).resolve() for a in data.get("artifacts", [])}
         if artifact in paths:
             return KnownManifest(
-                candidate, tuple(data.get("generated", [])), data.get("root_partition")
+                candidate,
+                tuple(data.get("generated", [])),
+                data.get("root_partition"),
+                (data.get("filesystem") or {}).get("uuid"),
             )
     return None

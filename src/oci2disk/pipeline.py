@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 from oci2disk import convert as conv
 from oci2disk import manifest, recipe
-from oci2disk.errors import ConvertError, Oci2DiskError, VerifyError
+from oci2disk.errors import BootError, ConvertError, Oci2DiskError, VerifyError
 from oci2disk.flatten import FlatRootfs, flatten
 from oci2disk.oci.layout import OciImage, Platform
 from oci2disk.oci.source import open_image
@@ -271,3 +271,65 @@ def _records_from_rootfs(
     thread.join()
     if failure:
         raise failure[0]
+
+
+# ---------------------------------------------------------------- boot
+
+
+def boot_artifact(
+    artifact: Path,
+    *,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    append: str = "",
+    expect: str = "login:",
+    timeout: float = 300.0,
+    log_path: Path | None = None,
+    memory_mb: int = 1024,
+    progress: Progress = SILENT,
+    echo: Callable[[str], None] | None = None,
+) -> Any:
+    """``oci2disk boot``: boot the disk under QEMU with the kernel from its own /boot."""
+    from oci2disk import boot
+
+    if not artifact.is_file():
+        raise BootError(f"{artifact}: no such disk image")
+    log_path = log_path or artifact.with_name(artifact.name + ".boot.log")
+    with Workspace() as ws:
+        if kernel is None:
+            with progress.step("copying the kernel and initrd out of the image's /boot"):
+                kernel, found_initrd, root = boot.kernel_from_disk(artifact, ws.path)
+            initrd = initrd or found_initrd
+        else:
+            root = f"UUID={_filesystem_uuid(artifact, ws)}"
+        spec = boot.BootSpec(
+            disk=artifact,
+            kernel=kernel,
+            initrd=initrd,
+            append=boot.kernel_cmdline(root, append),
+            disk_format=boot.image_format(artifact),
+            memory_mb=memory_mb,
+        )
+        accel = "KVM" if boot.kvm_usable() else "TCG (no working KVM)"
+        with progress.step(f"booting under QEMU, {accel}; waiting for {expect!r}"):
+            return boot.boot(
+                spec,
+                expect=expect,
+                timeout=timeout,
+                log_path=log_path,
+                on_line=echo or (lambda line: progress.update(line[:100])),
+            )
+
+
+def _filesystem_uuid(artifact: Path, ws: Workspace) -> str:
+    from oci2disk import extfs, run
+
+    known = manifest.find_for_artifact(artifact)
+    if known is not None and known.filesystem_uuid:
+        return known.filesystem_uuid
+    raw = artifact
+    if _qemu_format(artifact) not in ("raw", None):
+        raw = ws.path / "disk.raw"
+        run.run(["qemu-img", "convert", "-O", "raw", str(artifact), str(raw)])
+    with extfs.open_filesystem(raw) as fs:
+        return fs.uuid
