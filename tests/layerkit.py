@@ -10,10 +10,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Literal
 
 import zstandard
 
@@ -27,16 +29,19 @@ from oci2disk.oci.layout import (
 )
 
 MTIME = 1_700_000_000
+TarFormat = Literal[0, 1, 2]  # tarfile.USTAR_FORMAT, GNU_FORMAT, PAX_FORMAT
 TAG = "test"
 _MEDIA_TYPES = {"none": MT_OCI_LAYER, "gzip": MT_OCI_LAYER_GZIP, "zstd": MT_OCI_LAYER_ZSTD}
 
 
 @dataclass(frozen=True)
 class Member:
-    """One tar member of a hand-made layer."""
+    """One tar member of a hand-made layer; ``raw`` holds its ready bytes if tarfile
+    cannot write it (sparse files)."""
 
     info: tarfile.TarInfo
     data: bytes = b""
+    raw: bytes | None = None
 
 
 def _info(
@@ -107,9 +112,10 @@ def hardlink(
     uid: int = 0,
     gid: int = 0,
     mtime: float = MTIME,
+    xattrs: Mapping[str, bytes] | None = None,
 ) -> Member:
     """A hard link; its own header metadata is what a careless writer might put there."""
-    info = _info(name, tarfile.LNKTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime, xattrs=None)
+    info = _info(name, tarfile.LNKTYPE, mode=mode, uid=uid, gid=gid, mtime=mtime, xattrs=xattrs)
     info.linkname = target
     return Member(info)
 
@@ -137,14 +143,152 @@ def opaque(dirpath: str) -> Member:
     return file(f"{dirpath}/.wh..wh..opq")
 
 
-def tar_bytes(members: Sequence[Member], *, format: int = tarfile.PAX_FORMAT) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(
-        fileobj=buf, mode="w", format=format, encoding="utf-8", errors="surrogateescape"
-    ) as tar:
-        for member in members:
-            tar.addfile(member.info, io.BytesIO(member.data) if member.info.isreg() else None)
-    return buf.getvalue()
+def _pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def member_bytes(member: Member, format: TarFormat = tarfile.PAX_FORMAT) -> bytes:
+    if member.raw is not None:
+        return member.raw
+    header = member.info.tobuf(format, "utf-8", "surrogateescape")
+    return header + (_pad(member.data) if member.info.isreg() else b"")
+
+
+def tar_bytes(members: Sequence[Member], *, format: TarFormat = tarfile.PAX_FORMAT) -> bytes:
+    """A tar archive as tarfile writes one (end marker, padded to a record)."""
+    body = b"".join(member_bytes(m, format) for m in members) + bytes(2 * tarfile.BLOCKSIZE)
+    return body + bytes(-len(body) % tarfile.RECORDSIZE)
+
+
+# ---------------------------------------------------------------- sparse files
+
+SPARSE_FORMATS = ("gnu", "pax0.0", "pax0.1", "pax1.0")
+
+
+def sparse_file(
+    name: str,
+    size: int,
+    segments: Sequence[tuple[int, bytes]],
+    *,
+    format: str = "pax1.0",
+    mode: int = 0o644,
+    mtime: int = MTIME,
+) -> Member:
+    """A sparse regular file of ``size`` bytes: data at the given offsets, zeros elsewhere.
+
+    ``format`` is one of GNU tar's encodings: "gnu" (old GNU 'S' headers) or PAX
+    "pax0.0", "pax0.1", "pax1.0" (``tar --sparse --sparse-version=...``).
+    """
+    for offset, d in segments:
+        # GNU tar stores each segment in whole blocks, Go and Python store them back to
+        # back: they agree (as on every archive GNU tar writes) when segments are aligned.
+        aligned = len(d) % tarfile.BLOCKSIZE == 0 or offset + len(d) == size
+        assert offset % tarfile.BLOCKSIZE == 0 and aligned, "segments must be block aligned"
+    data = b"".join(d for _, d in segments)
+    spans = [(offset, len(d)) for offset, d in segments]
+    # GNU tar ends every map with the file's end (a zero-length segment).
+    spans_with_end = [*spans, (size, 0)]
+    info = _info(name, tarfile.REGTYPE, mode=mode, uid=0, gid=0, mtime=mtime, xattrs=None)
+    if format == "gnu":
+        return Member(info, raw=_gnu_sparse(info, size, spans_with_end, data))
+    if format == "pax1.0":
+        sparse_map = f"{len(spans_with_end)}\n".encode() + b"".join(
+            f"{o}\n{n}\n".encode() for o, n in spans_with_end
+        )
+        body = _pad(sparse_map) + data
+        info.name = f"GNUSparseFile.0/{name}"
+        info.size = len(body)
+        info.pax_headers = {
+            "GNU.sparse.major": "1",
+            "GNU.sparse.minor": "0",
+            "GNU.sparse.name": name,
+            "GNU.sparse.realsize": str(size),
+        }
+        return Member(info, raw=info.tobuf(tarfile.PAX_FORMAT) + _pad(body))
+    info.size = len(data)
+    if format == "pax0.1":
+        info.pax_headers = {
+            "GNU.sparse.size": str(size),
+            "GNU.sparse.numblocks": str(len(spans_with_end)),
+            "GNU.sparse.map": ",".join(f"{o},{n}" for o, n in spans_with_end),
+        }
+        return Member(info, raw=info.tobuf(tarfile.PAX_FORMAT) + _pad(data))
+    assert format == "pax0.0", format
+    records = [("GNU.sparse.size", str(size)), ("GNU.sparse.numblocks", str(len(spans_with_end)))]
+    for offset, length in spans_with_end:
+        records += [("GNU.sparse.offset", str(offset)), ("GNU.sparse.numbytes", str(length))]
+    pax = b"".join(_pax_record(k, v) for k, v in records)
+    xheader = tarfile.TarInfo(f"PaxHeaders.0/{name}")
+    xheader.type = tarfile.XHDTYPE
+    xheader.size = len(pax)
+    xheader.mtime = mtime
+    ustar = info.tobuf(tarfile.USTAR_FORMAT)
+    return Member(info, raw=xheader.tobuf(tarfile.USTAR_FORMAT) + _pad(pax) + ustar + _pad(data))
+
+
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return str(length).encode() + body
+
+
+def _checksum(header: bytearray) -> None:
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+
+
+def _gnu_sparse(
+    info: tarfile.TarInfo, size: int, spans: list[tuple[int, int]], data: bytes
+) -> bytes:
+    """Old GNU sparse: type 'S', 4 map slots in the header, 21 in each extension block."""
+    info.size = len(data)
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT)[-tarfile.BLOCKSIZE :])
+    header[156:157] = tarfile.GNUTYPE_SPARSE
+    first, rest = spans[:4], spans[4:]
+    for i, (offset, length) in enumerate(first):
+        header[386 + 24 * i : 398 + 24 * i] = b"%011o\0" % offset
+        header[398 + 24 * i : 410 + 24 * i] = b"%011o\0" % length
+    header[482] = 1 if rest else 0
+    header[483:495] = b"%011o\0" % size
+    _checksum(header)
+    blocks = [bytes(header)]
+    while rest:
+        block = bytearray(tarfile.BLOCKSIZE)
+        chunk, rest = rest[:21], rest[21:]
+        for i, (offset, length) in enumerate(chunk):
+            block[24 * i : 24 * i + 12] = b"%011o\0" % offset
+            block[24 * i + 12 : 24 * i + 24] = b"%011o\0" % length
+        block[504] = 1 if rest else 0
+        blocks.append(bytes(block))
+    return b"".join(blocks) + _pad(data)
+
+
+# ---------------------------------------------------------------- a bomb
+
+
+def write_empty_files_layer(out: BinaryIO, dirs: int, files_per_dir: int) -> int:
+    """Stream an uncompressed layer of ``dirs`` x ``files_per_dir`` empty files; return
+    its size. Headers are stamped from a template: fast, and nothing is held in memory."""
+    template = bytearray(tarfile.TarInfo("x").tobuf(tarfile.USTAR_FORMAT))
+    template[100:108] = b"0000644\0"
+    template[136:148] = b"%011o\0" % MTIME
+    written = 0
+    batch = bytearray()
+    for d in range(dirs):
+        for f in range(files_per_dir):
+            header = bytearray(template)
+            name = b"d%04d/f%06d" % (d, f)
+            header[0:100] = name.ljust(100, b"\0")
+            _checksum(header)
+            batch += header
+        out.write(batch)
+        written += len(batch)
+        batch.clear()
+    end = bytes(2 * tarfile.BLOCKSIZE + (-(written + 1024) % tarfile.RECORDSIZE))
+    out.write(end)
+    return written + len(end)
 
 
 def go_style_modes(data: bytes) -> bytes:
@@ -184,8 +328,9 @@ class Layer:
 
     members: Sequence[Member] = ()
     compression: str = "none"  # none | gzip | zstd
-    format: int = tarfile.PAX_FORMAT
+    format: TarFormat = tarfile.PAX_FORMAT
     raw: bytes | None = None
+    media_type: str | None = None  # instead of the OCI type for ``compression``
 
     def tar(self) -> bytes:
         return self.raw if self.raw is not None else tar_bytes(self.members, format=self.format)
@@ -216,7 +361,10 @@ def make_image(
         data = layer.tar()
         computed.append("sha256:" + hashlib.sha256(data).hexdigest())
         descriptors.append(
-            writer.add_bytes(compress(data, layer.compression), _MEDIA_TYPES[layer.compression])
+            writer.add_bytes(
+                compress(data, layer.compression),
+                layer.media_type or _MEDIA_TYPES[layer.compression],
+            )
         )
     config = {
         "architecture": "amd64",
@@ -226,3 +374,63 @@ def make_image(
     }
     writer.add_image(config, descriptors, tag)
     return open_layout(layout, tag)
+
+
+def _config(diff_ids: Sequence[str], architecture: str = "amd64") -> dict[str, object]:
+    return {
+        "architecture": architecture,
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+        "config": {},
+    }
+
+
+def write_docker_archive(
+    path: Path,
+    layers: Sequence[Layer | Sequence[Member]],
+    *,
+    tag: str = "oci2disk-test:latest",
+    link_duplicates: bool = True,
+) -> None:
+    """Write what ``docker save`` writes (the legacy layout that ``docker load`` of
+    Docker 20.10 reads): manifest.json, the config as <id>.json, <id>/layer.tar.
+
+    Like ``docker save``, a layer that occurs again is written once and then as a
+    symlink to the first copy (``link_duplicates``).
+    """
+    members: list[tuple[tarfile.TarInfo, bytes]] = []
+    layer_names: list[str] = []
+    diff_ids: list[str] = []
+    first_copy: dict[bytes, str] = {}
+    for spec in layers:
+        layer = spec if isinstance(spec, Layer) else Layer(spec)
+        data = layer.tar()
+        diff_id = hashlib.sha256(data).hexdigest()
+        diff_ids.append("sha256:" + diff_id)
+        blob = compress(data, layer.compression)
+        name = f"{hashlib.sha256(blob + str(len(layer_names)).encode()).hexdigest()}/layer.tar"
+        layer_names.append(name)
+        directory_info = tarfile.TarInfo(name.split("/")[0])
+        directory_info.type = tarfile.DIRTYPE
+        directory_info.mode = 0o755
+        members.append((directory_info, b""))
+        info = tarfile.TarInfo(name)
+        if link_duplicates and blob in first_copy:
+            info.type = tarfile.SYMTYPE
+            info.linkname = f"../{first_copy[blob]}"
+            members.append((info, b""))
+            continue
+        first_copy.setdefault(blob, name)
+        info.size = len(blob)
+        members.append((info, blob))
+    config = json.dumps(_config(diff_ids)).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": layer_names}]
+    for name, data in ((config_name, config), ("manifest.json", json.dumps(manifest).encode())):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        members.append((info, data))
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            info.mtime = MTIME
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)

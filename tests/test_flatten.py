@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import io
 import re
+import resource
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from layerkit import (
     MTIME,
+    SPARSE_FORMATS,
     Layer,
     Member,
+    TarFormat,
     device,
     directory,
     fifo,
@@ -22,14 +26,32 @@ from layerkit import (
     hardlink,
     make_image,
     opaque,
+    sparse_file,
     symlink,
     tar_bytes,
     whiteout,
+    write_docker_archive,
 )
 from oci2disk import run
 from oci2disk.errors import ImageError, LayerError
 from oci2disk.flatten import Entry, ExtraFile, FlatRootfs, Kind, RootfsStats, flatten
-from oci2disk.oci.layout import OciImage
+from oci2disk.oci.layout import (
+    MT_DOCKER_LAYER,
+    MT_DOCKER_LAYER_GZIP,
+    MT_OCI_CONFIG,
+    MT_OCI_INDEX,
+    MT_OCI_LAYER,
+    MT_OCI_LAYER_GZIP,
+    MT_OCI_MANIFEST,
+    REF_NAME,
+    Descriptor,
+    LayoutWriter,
+    OciImage,
+    Platform,
+    canonical_json,
+    layout_from_docker_archive,
+    open_layout,
+)
 
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 LATIN1_NAME = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
@@ -347,7 +369,7 @@ def test_hard_link_to_a_symlink_or_device_becomes_a_copy(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
-def test_long_names_and_link_targets(tmp_path: Path, fmt: int) -> None:
+def test_long_names_and_link_targets(tmp_path: Path, fmt: TarFormat) -> None:
     deep = "/".join(["d" * 60] * 5) + "/" + "f" * 120
     with flat(
         tmp_path,
@@ -367,7 +389,7 @@ def test_long_names_and_link_targets(tmp_path: Path, fmt: int) -> None:
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
-def test_non_utf8_names_round_trip_byte_for_byte(tmp_path: Path, fmt: int) -> None:
+def test_non_utf8_names_round_trip_byte_for_byte(tmp_path: Path, fmt: TarFormat) -> None:
     with flat(
         tmp_path, [Layer([file(LATIN1_NAME, b"latin-1"), symlink("link", LATIN1_NAME)], format=fmt)]
     ) as rootfs:
@@ -562,8 +584,8 @@ def test_compressed_layers(tmp_path: Path, compression: str) -> None:
         assert paths(rootfs) == [".", "big", "small"]
         out = {i.name: data for i, data in read_tar(tar_of(rootfs))}
         assert out["big"] == big
-        assert list((tmp_path / "work").iterdir())  # decompressed layers live in workdir
-    assert list((tmp_path / "work").iterdir()) == []  # and go away on close
+        # Decompressed layers live in workdir as files without a name: nothing to leave behind.
+        assert list((tmp_path / "work").iterdir()) == []
 
 
 def test_uncompressed_layers_are_read_in_place(tmp_path: Path) -> None:
@@ -776,3 +798,183 @@ def test_write_tar_to_a_pipe_consumer(tmp_path: Path) -> None:
     assert (sudo["Mode"], sudo["User"], sudo["Links"]) == ("04755", "0", "2")
     ea = run.run(["debugfs", "-R", "ea_list /usr/bin/sudo", str(img)]).stdout.decode()
     assert "security.capability" in ea
+
+
+# ------------------------------------------------------------------ sparse and huge files
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+def test_sparse_files_become_regular_files_with_zeros(tmp_path: Path, fmt: str) -> None:
+    size = 1 << 20
+    segments = [(0, b"h" * 512), (65536, b"x" * 3072), (size - 512, b"E" * 512)]
+    expected = bytearray(size)
+    for offset, data in segments:
+        expected[offset : offset + len(data)] = data
+    with flat(
+        tmp_path, [[file("before", b"b"), sparse_file("sp", size, segments, format=fmt)]]
+    ) as rootfs:
+        sp = entry(rootfs, "sp")
+        assert (sp.kind, sp.size) == (Kind.FILE, size)
+        assert content(rootfs, "sp") == expected
+        with rootfs.open("sp") as f:
+            f.seek(65536 + 3000)
+            assert f.read(100) == b"x" * 72 + bytes(28)
+        out = {i.name: (i, d) for i, d in read_tar(tar_of(rootfs))}
+        info, data = out["sp"]
+        assert info.type == tarfile.REGTYPE and info.sparse is None
+        assert data == expected
+        assert rootfs.stats.data_bytes == size + 1
+
+
+class _ProbeSink(io.RawIOBase):
+    """Counts what it is given and keeps only the head and a few probed ranges."""
+
+    def __init__(self, probes: Sequence[tuple[int, int]]) -> None:
+        self.size = 0
+        self.head = bytearray()
+        self.largest_write = 0
+        self.probes = {p: bytearray() for p in probes}
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        start, n = self.size, len(view)
+        if len(self.head) < 65536:
+            self.head += view[: 65536 - len(self.head)]
+        for (offset, length), got in self.probes.items():
+            lo, hi = max(offset, start), min(offset + length, start + n)
+            if lo < hi:
+                got += view[lo - start : hi - start]
+        self.size += n
+        self.largest_write = max(self.largest_write, n)
+        return n
+
+
+def test_a_sparse_file_larger_than_8_gib_streams_in_bounded_memory(tmp_path: Path) -> None:
+    huge = 9 << 30  # past the 8 GiB limit of the ustar size field
+    tail = huge - 4096
+    member = sparse_file("huge", huge, [(0, b"head" * 128), (tail, b"tail" * 1024)])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with flat(tmp_path, [[member, file("z", b"after")]]) as rootfs:
+        assert entry(rootfs, "huge").size == huge
+        assert rootfs.stats.data_bytes == huge + 5
+        with rootfs.open("huge") as f:
+            f.seek(tail - 2)
+            assert f.read(6) == b"\0\0tail"
+        data_start = 4 * 512  # headers: ".", then for "huge" PAX header, its records, ustar
+        sink = _ProbeSink([(data_start, 8), (data_start + tail, 16)])
+        rootfs.write_tar(sink)  # type: ignore[arg-type]
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 64
+    assert sink.largest_write <= 1 << 20
+    with tarfile.open(fileobj=io.BytesIO(bytes(sink.head)), mode="r:") as tar:
+        assert tar.next() is not None  # "."
+        info = tar.next()
+    assert info is not None and (info.name, info.size, info.type) == ("huge", huge, tarfile.REGTYPE)
+    assert info.offset_data == data_start
+    assert info.pax_headers["size"] == str(huge)
+    assert sink.probes[(data_start, 8)] == b"headhead"
+    assert sink.probes[(data_start + tail, 16)] == b"tail" * 4
+    # The "z" member follows the 9 GiB of data; the stream ends on a record boundary.
+    assert sink.size > huge and sink.size % tarfile.RECORDSIZE == 0
+
+
+def test_nanosecond_mtimes_are_kept_exactly(tmp_path: Path) -> None:
+    member = file("f", b"x")
+    member.info.pax_headers = {"mtime": "1700000000.123456789"}
+    with flat(tmp_path, [[member, file("old", b"o", mtime=-1.5)]]) as rootfs:
+        out = tar_of(rootfs)
+        by_name = {i.name: i for i, _ in read_tar(out)}
+    assert by_name["f"].pax_headers["mtime"] == "1700000000.123456789"
+    assert by_name["old"].pax_headers["mtime"] == "-1.5"
+
+
+# ------------------------------------------------------------------ inputs
+
+
+@pytest.mark.parametrize(
+    ("media_type", "compression"),
+    [
+        (MT_DOCKER_LAYER, "none"),
+        (MT_DOCKER_LAYER_GZIP, "gzip"),
+        ("application/vnd.oci.image.layer.nondistributable.v1.tar+zstd", "zstd"),
+    ],
+)
+def test_docker_and_nondistributable_media_types(
+    tmp_path: Path, media_type: str, compression: str
+) -> None:
+    layers = [
+        Layer([file("a", b"1")], compression=compression, media_type=media_type),
+        Layer([whiteout("a"), file("b", b"2")], compression=compression, media_type=media_type),
+    ]
+    with flat(tmp_path, layers) as rootfs:
+        assert paths(rootfs) == [".", "b"]
+
+
+def test_docker_archive_input_equals_the_oci_layout(tmp_path: Path) -> None:
+    """What `docker save` writes: layer tars, a repeated layer as a symlink, a gzip layer."""
+    layers = [
+        Layer([file("a", b"1"), directory("d")]),
+        Layer([file("d/x", b"x")], compression="gzip"),
+        Layer([file("a", b"1"), directory("d")]),  # the same blob again
+    ]
+    archive = tmp_path / "image.tar"
+    write_docker_archive(archive, layers)
+    with tarfile.open(archive) as tar:
+        assert any(m.issym() for m in tar.getmembers())
+    with archive.open("rb") as stream:
+        from_archive = layout_from_docker_archive(stream, tmp_path / "from-archive", None)
+    assert [d.media_type for d in from_archive.layers] == [
+        MT_OCI_LAYER,
+        MT_OCI_LAYER_GZIP,
+        MT_OCI_LAYER,
+    ]
+    with flatten(from_archive, tmp_path / "w1") as one:
+        first = tar_of(one)
+    with flatten(make_image(tmp_path / "oci", layers), tmp_path / "w2") as two:
+        assert tar_of(two) == first
+
+
+def _two_platform_layout(layout: Path, nested: bool) -> None:
+    writer = LayoutWriter(layout)
+    manifests = []
+    for arch in ("amd64", "arm64"):
+        blob = tar_bytes([file("arch", arch.encode())])
+        layer = writer.add_bytes(blob, MT_OCI_LAYER)
+        config = {
+            "architecture": arch,
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+        }
+        config_desc = writer.add_bytes(canonical_json(config), MT_OCI_CONFIG)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_MANIFEST,
+            "config": config_desc.to_json(),
+            "layers": [layer.to_json()],
+        }
+        desc = writer.add_bytes(canonical_json(manifest), MT_OCI_MANIFEST)
+        manifests.append(
+            Descriptor(desc.media_type, desc.digest, desc.size, platform=Platform("linux", arch))
+        )
+    if nested:
+        index = {"schemaVersion": 2, "manifests": [m.to_json() for m in manifests]}
+        inner = writer.add_bytes(canonical_json(index), MT_OCI_INDEX)
+        manifests = [Descriptor(inner.media_type, inner.digest, inner.size, {REF_NAME: "multi"})]
+    top = {"schemaVersion": 2, "manifests": [m.to_json() for m in manifests]}
+    (layout / "index.json").write_bytes(canonical_json(top))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["index.json", "nested-index"])
+def test_a_multi_platform_index_picks_the_asked_platform(tmp_path: Path, nested: bool) -> None:
+    _two_platform_layout(tmp_path / "oci", nested)
+    for arch in ("arm64", "amd64"):
+        image = open_layout(tmp_path / "oci", None, Platform.parse(f"linux/{arch}"))
+        assert image.config.architecture == arch
+        with flatten(image, tmp_path / f"w-{arch}") as rootfs:
+            assert content(rootfs, "arch") == arch.encode()
+    with pytest.raises(ImageError, match="no image for platform linux/s390x") as err:
+        open_layout(tmp_path / "oci", None, Platform.parse("linux/s390x"))
+    assert err.value.hint == "platforms present: linux/amd64, linux/arm64"
