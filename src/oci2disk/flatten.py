@@ -36,6 +36,7 @@ import tempfile
 import zlib
 from base64 import b64decode
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -997,25 +998,38 @@ def flatten(
     workdir.mkdir(parents=True, exist_ok=True)
     builder = _Builder()
     layers: list[IO[bytes]] = []
-    by_digest: dict[str, tuple[IO[bytes], str]] = {}
+    # Compressed layers are decompressed (and hashed) by a few threads ahead of the
+    # index, which reads them in order: decompression, sha256 and file writes release
+    # the GIL, the tar header parsing of the index does not.
+    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    pending: dict[str, tuple[Future[IO[bytes]], str]] = {}
     try:
         for index, desc in enumerate(image.layers):
             diff_id = image.config.diff_ids[index]
-            known = by_digest.get(desc.digest)
+            known = pending.get(desc.digest)
             if known is None:
-                known = by_digest[desc.digest] = _layer_file(image, index, workdir), diff_id
+                future = pool.submit(_layer_file, image, index, workdir)
+                pending[desc.digest] = future, diff_id
             elif known[1] != diff_id:  # the same blob listed again with another diff_id
                 raise _diff_id_error(desc, index, known[1], diff_id)
-            layers.append(known[0])
+        for index, desc in enumerate(image.layers):
+            layer = pending[desc.digest][0].result()
+            layers.append(layer)
             log.debug("layer %d/%d %s", index + 1, len(image.layers), desc.digest)
-            builder.apply_layer(index, desc.digest, known[0])
+            builder.apply_layer(index, desc.digest, layer)
         if drop_container_files:
             _drop_container_files(builder.root)
         return FlatRootfs(builder.root, layers, builder.linked, source_date_epoch)
     except BaseException:
-        for f, _ in by_digest.values():
-            f.close()
+        for future, _ in pending.values():
+            future.cancel()
+        pool.shutdown(wait=True)
+        for future, _ in pending.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().close()
         raise
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _diff_id_error(desc: Descriptor, index: int, actual: str, expected: str) -> ImageError:

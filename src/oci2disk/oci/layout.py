@@ -408,10 +408,19 @@ def open_layer(image: OciImage, desc: Descriptor) -> Iterator[IO[bytes]]:
         if kind == "none":
             yield raw
         elif kind == "gzip":
-            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-                yield cast(IO[bytes], gz)
+            with _gzip_reader(raw) as gz:
+                yield gz
         else:
             yield _zstd_reader(raw)
+
+
+def _gzip_reader(raw: IO[bytes]) -> IO[bytes]:
+    """A gzip decompressor: ISA-L's when present (about twice zlib's speed here)."""
+    try:
+        from isal import igzip
+    except ImportError:
+        return cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
+    return cast(IO[bytes], igzip.IGzipFile(fileobj=raw, mode="rb"))  # type: ignore[no-untyped-call]
 
 
 def _zstd_reader(raw: IO[bytes]) -> IO[bytes]:
