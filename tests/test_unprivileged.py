@@ -13,9 +13,11 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from clikit import ROOT, oci2disk
 from layerkit import Layer, device, directory, fifo, file, hardlink, make_image, symlink, whiteout
@@ -77,15 +79,23 @@ def image_layout(outdir: Path) -> Path:
 
 @pytest.fixture
 def unprivileged_python() -> Iterator[tuple[str, dict[str, str]]]:
-    """Debian's python3 and a world-readable copy of the package.
+    """Debian's python3 with a world-readable copy of oci2disk and its runtime dependencies.
 
-    The checkout (and its venv) may sit below a directory only root can enter, such as
-    /root; converting from an OCI layout needs nothing beyond the package itself.
+    The checkout and its venv may sit below a directory only root can enter (such as
+    /root), so the package and the installed files of every runtime dependency (from
+    the package metadata) are copied to a temporary tree that uid 65534 can read.
     """
     tree = Path(tempfile.mkdtemp(prefix="oci2disk-pkg-"))
     shutil.copytree(
         ROOT / "src" / "oci2disk", tree / "oci2disk", ignore=shutil.ignore_patterns("__pycache__")
     )
+    for dist in runtime_distributions("oci2disk"):
+        for member in dist.files or ():
+            source = Path(str(dist.locate_file(member)))
+            if source.is_file() and member.parts[0] not in ("..", "bin"):
+                target = tree / member
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
     for path in [tree, *tree.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     yield (
@@ -93,6 +103,23 @@ def unprivileged_python() -> Iterator[tuple[str, dict[str, str]]]:
         {"PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"},
     )
     shutil.rmtree(tree, ignore_errors=True)
+
+
+def runtime_distributions(name: str) -> list[metadata.Distribution]:
+    """The installed distributions ``name`` needs at run time (extras left out)."""
+    seen: dict[str, metadata.Distribution] = {}
+    todo = [Requirement(r).name for r in metadata.requires(name) or [] if "extra ==" not in r]
+    while todo:
+        dep = todo.pop()
+        key = dep.lower().replace("_", "-")
+        if key in seen:
+            continue
+        try:
+            dist = seen[key] = metadata.distribution(dep)
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [Requirement(r).name for r in dist.requires or [] if "extra ==" not in r]
+    return list(seen.values())
 
 
 def run_as_nobody(python: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,6 @@ Host tools: none.
 
 from __future__ import annotations
 
-import bisect
 import io
 import logging
 import os
@@ -32,6 +31,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from oci2disk.errors import VerifyError
+from oci2disk.runs import RunReader
 
 log = logging.getLogger("oci2disk.extfs")
 
@@ -408,12 +408,15 @@ class ExtFs:
             raise VerifyError(f"{self.path}: the filesystem reader is closed")
         data = os.pread(self._fd, length, self.offset + position)
         if len(data) != length:
-            raise VerifyError(
-                f"{self.path} ends before {what} of the filesystem at byte {self.offset} "
-                f"(needs bytes up to {self.offset + position + length})",
-                hint="the image is truncated, or the offset is not where the filesystem starts",
-            )
+            raise self._truncated(self.offset + position, length, what)
         return data
+
+    def _truncated(self, absolute: int, length: int, what: str) -> VerifyError:
+        return VerifyError(
+            f"{self.path} ends before {what} of the filesystem at byte {self.offset} "
+            f"(needs bytes up to {absolute + length})",
+            hint="the image is truncated, or the offset is not where the filesystem starts",
+        )
 
     def _read_block(self, block: int) -> bytes:
         if block >= self.blocks_count:
@@ -677,8 +680,31 @@ class ExtFs:
     def _open_inode(self, inode: _Inode) -> BinaryIO:
         if inode.flags & FL_INLINE_DATA:
             return io.BytesIO(self._inline_data(inode)[: inode.size])
-        raw = _BlockReader(self, self._runs(inode), inode.size)
+        raw = RunReader(
+            self._fd,
+            self._byte_runs(self._runs(inode), inode.size),
+            short_read=lambda offset, length: self._truncated(offset, length, "file data"),
+        )
         return io.BufferedReader(raw, buffer_size=1 << 16)
+
+    def _byte_runs(self, runs: list[_Run], size: int) -> list[tuple[int, int | None]]:
+        """Block runs as byte runs over the whole file: holes and uninitialized extents
+        become zero runs, and the last run is cut at the file's size."""
+        bs = self.block_size
+        out: list[tuple[int, int | None]] = []
+        position = 0
+        for run in sorted(runs, key=lambda r: r.logical):
+            start = run.logical * bs
+            if start >= size:
+                break
+            if start > position:
+                out.append((start - position, None))
+            length = min(run.count * bs, size - start)
+            out.append((length, self.offset + run.physical * bs if run.physical else None))
+            position = start + length
+        if position < size:
+            out.append((size - position, None))
+        return out
 
     def _symlink_target(self, inode: _Inode) -> bytes:
         ea_blocks = self.block_size // 512 if inode.file_acl else 0
@@ -860,75 +886,6 @@ class ExtFs:
         if inode.kind != "symlink":
             raise VerifyError(f"{self.path}: {what} is a {inode.kind}, not a symlink")
         return self._symlink_target(inode).decode("utf-8", "surrogateescape")
-
-
-class _BlockReader(io.RawIOBase):
-    """A file's content from its block runs; gaps between runs read as zeros."""
-
-    def __init__(self, fs: ExtFs, runs: list[_Run], size: int) -> None:
-        super().__init__()
-        self._fs = fs
-        self._runs = runs
-        self._starts = [run.logical for run in runs]
-        self._size = size
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            position = offset
-        elif whence == io.SEEK_CUR:
-            position = self._position + offset
-        elif whence == io.SEEK_END:
-            position = self._size + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if position < 0:
-            raise ValueError("negative seek position")
-        self._position = position
-        return position
-
-    def readall(self) -> bytes:
-        # RawIOBase.readall would read in 8 KiB steps: one pread per step.
-        chunks = []
-        while chunk := self.read(READ_CHUNK):
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        wanted = min(len(buffer), self._size - self._position)
-        if wanted <= 0:
-            return 0
-        bs = self._fs.block_size
-        position = self._position
-        index = bisect.bisect_right(self._starts, position // bs) - 1
-        run = self._runs[index] if index >= 0 else None
-        if run is not None and position < (run.logical + run.count) * bs:
-            count = min(wanted, (run.logical + run.count) * bs - position)
-            if run.physical:
-                data = self._fs._pread(
-                    run.physical * bs + position - run.logical * bs, count, what="file data"
-                )
-            else:
-                data = bytes(count)  # uninitialized extent
-        else:
-            following = index + 1
-            hole_end = (
-                self._runs[following].logical * bs if following < len(self._runs) else self._size
-            )
-            count = min(wanted, hole_end - position)
-            data = bytes(count)
-        memoryview(buffer)[:count] = data
-        self._position += count
-        return count
 
 
 def _acl_to_vfs(value: bytes) -> bytes:

@@ -24,7 +24,6 @@ Host tools: none.
 
 from __future__ import annotations
 
-import bisect
 import enum
 import hashlib
 import io
@@ -51,9 +50,10 @@ from oci2disk.oci.layout import (
     open_layer,
     open_verified_blob,
 )
+from oci2disk.runs import RunReader
 
 if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+    pass
 
 log = logging.getLogger("oci2disk.flatten")
 
@@ -647,7 +647,9 @@ class FlatRootfs:
         if node is None or node.meta.kind is not Kind.FILE:
             raise ImageError(f"{path!r} is not a regular file in the image")
         fd = os.dup(self._layers[node.layer].fileno())
-        return io.BufferedReader(_FileReader(fd, list(_extents(node))), buffer_size=CHUNK)
+        return io.BufferedReader(
+            RunReader(fd, list(_extents(node)), close_fd=True), buffer_size=CHUNK
+        )
 
     def write_tar(self, out: BinaryIO, *, extra: Sequence[ExtraFile] = ()) -> None:
         """Write the canonical PAX tar stream, with ``extra`` files added or replacing."""
@@ -916,58 +918,6 @@ class _Sink:
             self.write(bytes(RECORD - self.written % RECORD))
         self.flush()
         self.out.flush()
-
-
-class _FileReader(io.RawIOBase):
-    """Read-only view of one file's extents (layer data or zeros); owns its descriptor."""
-
-    def __init__(self, fd: int, extents: list[tuple[int, int | None]]) -> None:
-        self._fd = fd
-        self._extents = extents
-        self._starts: list[int] = []
-        pos = 0
-        for length, _ in extents:
-            self._starts.append(pos)
-            pos += length
-        self._size = pos
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        view = memoryview(buffer).cast("B")
-        if self._pos >= self._size or not len(view):
-            return 0
-        index = bisect.bisect_right(self._starts, self._pos) - 1
-        length, offset = self._extents[index]
-        skip = self._pos - self._starts[index]
-        want = min(len(view), length - skip)
-        if offset is None:
-            view[:want] = ZEROS[:want] if want <= CHUNK else bytes(want)
-            got = want
-        else:
-            data = os.pread(self._fd, want, offset + skip)
-            got = len(data)
-            view[:got] = data
-        self._pos += got
-        return got
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-        super().close()
 
 
 # ---------------------------------------------------------------- reading layers
