@@ -37,6 +37,8 @@ DEBIAN_PACKAGES: dict[str, str] = {
     "cpio": "cpio",
     "mcopy": "mtools",
     "pigz": "pigz",
+    "igzip": "isal",
+    "lz4": "lz4",
     "zstd": "zstd",
     "xz": "xz-utils",
     "setpriv": "util-linux",

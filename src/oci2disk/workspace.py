@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -66,3 +67,67 @@ class AtomicOutput:
     def discard(self) -> None:
         if not self.committed:
             self.tmp.unlink(missing_ok=True)
+
+
+class AtomicDirectory:
+    """A directory written under a temporary name beside ``target`` and renamed on commit.
+
+    An existing ``target`` directory is replaced as a whole on commit. If the run fails
+    before ``commit()``, the temporary directory is removed.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+        if not self.target.parent.is_dir():
+            from oci2disk.errors import ConvertError
+
+            raise ConvertError(
+                f"output directory {self.target.parent} does not exist",
+                hint=f"create it first (mkdir -p {self.target.parent}) or choose another -o",
+            )
+        if self.target.exists() and not self.target.is_dir():
+            from oci2disk.errors import ConvertError
+
+            raise ConvertError(
+                f"{self.target} exists and is not a directory",
+                hint="remove it or choose another output path",
+            )
+        self.tmp = Path(
+            tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".part")
+        )
+        self.committed = False
+
+    def commit(self) -> Path:
+        old = None
+        if self.target.is_dir() and not self.target.is_symlink():
+            old = Path(
+                tempfile.mkdtemp(
+                    dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".old"
+                )
+            )
+            os.replace(self.target, old / "tree")
+        os.replace(self.tmp, self.target)
+        self.committed = True
+        if old is not None:
+            _remove_tree(old)
+        return self.target
+
+    def discard(self) -> None:
+        if not self.committed:
+            _remove_tree(self.tmp)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a tree even where its modes forbid writing (an extracted rootfs has such dirs)."""
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            if not os.path.islink(child):
+                with contextlib.suppress(OSError):
+                    os.chmod(child, 0o700)
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,27 +1,48 @@
 """The conversion stage: one flattened rootfs in, every requested artifact out.
 
 Each output format is a converter in ``REGISTRY``; a new format is one module and one
-registry line. Disk formats share a single raw disk, built once.
+registry line. Disk formats share a single raw disk, built once. The converters of one
+run read the same flattened rootfs and run at the same time (one thread each, up to
+``ConvertOptions.jobs``); the qcow2/vmdk/... converters wait for the raw disk. When one
+fails, the others stop at their next write and no output is left behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
+import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol, cast
 
 from oci2disk import run
-from oci2disk.convert import disk, qemu
+from oci2disk.convert import compress, cpio, directory, disk, kernel, qemu, tar
 from oci2disk.errors import ConvertError
 from oci2disk.flatten import ExtraFile, FlatRootfs
 from oci2disk.oci.layout import OciImage
 from oci2disk.progress import SILENT, Progress
-from oci2disk.recipe import DISK_FORMATS, Compression, DiskSpec, Format, Table
-from oci2disk.workspace import AtomicOutput, Workspace
+from oci2disk.recipe import (
+    DISK_FORMATS,
+    ArchiveCompression,
+    Compression,
+    DiskSpec,
+    Format,
+    InitramfsSpec,
+    KernelSpec,
+    Recipe,
+    Table,
+    TarSpec,
+)
+from oci2disk.workspace import AtomicDirectory, AtomicOutput, Workspace
+
+log = logging.getLogger("oci2disk.convert")
 
 
 @dataclass(frozen=True)
@@ -35,8 +56,23 @@ class Artifact:
 @dataclass(frozen=True)
 class ConvertOptions:
     disk: DiskSpec = field(default_factory=DiskSpec)
-    compression: Compression = Compression.NONE
+    compression: Compression = Compression.NONE  # qcow2
     source_date_epoch: int | None = None
+    initramfs: InitramfsSpec = field(default_factory=InitramfsSpec)
+    tar: TarSpec = field(default_factory=TarSpec)
+    kernel: KernelSpec = field(default_factory=KernelSpec)
+    jobs: int | None = None  # converters running at once; None: one per core, at least 2
+
+    @classmethod
+    def from_recipe(cls, rcp: Recipe, source_date_epoch: int | None = None) -> ConvertOptions:
+        return cls(
+            disk=rcp.disk,
+            compression=rcp.outputs.compression,
+            source_date_epoch=source_date_epoch,
+            initramfs=rcp.initramfs,
+            tar=rcp.tar,
+            kernel=rcp.kernel,
+        )
 
 
 @dataclass(frozen=True)
@@ -45,6 +81,11 @@ class ConvertResult:
     fs: disk.FsIdentity | None
     layout: disk.DiskLayout | None
     generated: tuple[str, ...]
+    warnings: tuple[str, ...] = ()  # what an output could not keep (a dir made without root)
+
+
+class _Stopped(Exception):
+    """A converter stopped because another one failed (or the run was interrupted)."""
 
 
 class Job:
@@ -72,7 +113,16 @@ class Job:
         self.extra: list[ExtraFile] = disk.generated_files(rootfs, self.identity, spec.fstab)
         self.layout: disk.DiskLayout | None = None
         self._raw: Path | None = None
+        self._raw_lock = threading.Lock()
+        self._raw_failed = False
         self.raw_target: Path | None = None  # where the raw disk goes when it is an output
+        self.targets: dict[Format, Path] = {}  # each output's final path
+        self.stop = threading.Event()  # set when a converter fails: the others give up
+        self._lock = threading.Lock()
+        self.siblings: dict[Format, list[AtomicOutput]] = {}  # more files of one output
+        self.added: list[str] = []  # paths a converter added to its output (cgz: init)
+        self.warnings: list[str] = []
+        self.digests: dict[Path, str] = {}  # sha256 of each temp output (a dir's: its tree)
 
     @property
     def timestamp(self) -> int:
@@ -96,19 +146,70 @@ class Job:
                 self.identity,
                 extra=self.extra,
                 timestamp=self.timestamp,
-                wrap=lambda sink: self.progress.counting(sink, "rootfs stream"),
+                wrap=lambda sink: self.stream(sink, "rootfs stream"),
             )
             disk.apply_extra_xattrs(self.rootfs, path, layout, self.workspace.subdir("xattrs"))
         return layout
 
     def raw_disk(self) -> Path:
         """The raw disk, built once; into its output file when raw is requested."""
-        if self._raw is None:
-            path = self.raw_target or self.workspace.path / "disk.raw"
-            path.touch()
-            self.layout = self.build_fs(path, self.options.disk)
-            self._raw = path
-        return self._raw
+        with self._raw_lock:  # the first converter to ask builds it; the others wait
+            if self._raw_failed:
+                raise _Stopped()
+            if self._raw is None:
+                path = self.raw_target or self.workspace.path / "disk.raw"
+                path.touch()
+                try:
+                    self.layout = self.build_fs(path, self.options.disk)
+                except BaseException:
+                    self._raw_failed = True
+                    raise
+                self._raw = path
+            return self._raw
+
+    def check(self) -> None:
+        """Raise if another converter failed, so that this one stops early."""
+        if self.stop.is_set():
+            raise _Stopped()
+
+    def stream(self, sink: BinaryIO, label: str) -> BinaryIO:
+        """``sink`` reporting progress, and stopping when another converter failed."""
+        return self.progress.counting(cast(BinaryIO, _Guarded(sink, self)), label)
+
+    def sibling(self, fmt: Format, target: Path) -> Path:
+        """A further file of ``fmt``'s output (e.g. initrd.img beside vmlinuz); its temp path."""
+        output = AtomicOutput(target)
+        with self._lock:
+            self.siblings.setdefault(fmt, []).append(output)
+        return output.tmp
+
+    def note_added(self, paths: Iterable[str]) -> None:
+        """Paths a converter added to its output (listed in the manifest as generated)."""
+        with self._lock:
+            self.added += paths
+
+    def warn(self, text: str) -> None:
+        log.warning("%s", text)
+        with self._lock:
+            self.warnings.append(text)
+
+
+class _Guarded:
+    """A binary sink that raises once the job is told to stop."""
+
+    def __init__(self, sink: BinaryIO, job: Job) -> None:
+        self._sink = sink
+        self._job = job
+
+    def write(self, data: bytes) -> int:
+        self._job.check()
+        return self._sink.write(data)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sink, name)
 
 
 class Converter(Protocol):
@@ -135,8 +236,53 @@ def qemu_converter(fmt: Format) -> Converter:
 
 
 def write_tar(job: Job, out: Path) -> None:
-    with job.progress.step("writing the rootfs tar"), out.open("wb") as f:
-        job.rootfs.write_tar(job.progress.counting(f, "rootfs tar"), extra=job.extra)
+    spec = job.options.tar
+    how = compress.describe(spec.compression, spec.level)
+    with job.progress.step(f"writing the rootfs tar (compression: {how})"):
+        tar.write_tar(
+            job.rootfs, out, spec, extra=job.extra, wrap=lambda s: job.stream(s, "rootfs tar")
+        )
+
+
+def write_cgz(job: Job, out: Path) -> None:
+    spec = job.options.initramfs
+    how = compress.describe(spec.compression, spec.level)
+    with job.progress.step(f"writing the initramfs cpio (compression: {how})"):
+        stats = cpio.write_cgz(
+            job.rootfs,
+            out,
+            spec,
+            mtime=job.timestamp,
+            wrap=lambda s: job.stream(s, "initramfs cpio"),
+        )
+    job.note_added(stats.added)
+
+
+def write_dir(job: Job, out: Path) -> None:
+    with job.progress.step(f"extracting the rootfs into {job.targets[Format.DIR].name}/"):
+        report = directory.extract(job.rootfs, out, check=job.check)
+    for line in report.summary():
+        job.warn(f"{job.targets[Format.DIR]}: {line}")
+    job.digests[out] = report.digest
+
+
+def write_kernel(job: Job, out: Path) -> None:
+    spec = job.options.kernel
+    chosen = kernel.choose(job.rootfs, spec)
+    where = job.targets[Format.KERNEL].parent
+    initrd = job.sibling(Format.KERNEL, where / "initrd.img") if chosen.initrd else None
+    if chosen.initrd is None:
+        job.warn(f"the image has no initrd for kernel {chosen.version}; wrote the kernel only")
+    vmlinux = job.sibling(Format.KERNEL, where / "vmlinux") if spec.vmlinux else None
+    with job.progress.step(f"writing kernel {chosen.version}"):
+        kernel.write_kernel(
+            job.rootfs,
+            chosen,
+            out,
+            initrd=initrd,
+            vmlinux=vmlinux,
+            workdir=job.workspace.subdir("kernel"),
+        )
 
 
 REGISTRY: dict[Format, Converter] = {
@@ -148,6 +294,9 @@ REGISTRY: dict[Format, Converter] = {
     Format.VPC: qemu_converter(Format.VPC),
     Format.VDI: qemu_converter(Format.VDI),
     Format.TAR: write_tar,
+    Format.CGZ: write_cgz,
+    Format.DIR: write_dir,
+    Format.KERNEL: write_kernel,
 }
 
 
@@ -157,6 +306,9 @@ REQUIRES: dict[Format, tuple[str, ...]] = {
     Format.RAW: _DISK_TOOLS,
     Format.FS: ("mke2fs", "debugfs"),
     Format.TAR: (),
+    Format.CGZ: (),
+    Format.DIR: (),
+    Format.KERNEL: (),
     **{fmt: (*_DISK_TOOLS, "qemu-img") for fmt in qemu.QEMU_FORMAT},
 }
 
@@ -183,40 +335,125 @@ def convert(
         if fmt not in REGISTRY:
             raise ConvertError(f"format {fmt.value} is not implemented yet")
     preflight(outputs)
-    pending = {fmt: AtomicOutput(path) for fmt, path in outputs.items()}
     job = Job(image, rootfs, options, workspace, progress)
+    pending: dict[Format, AtomicOutput | AtomicDirectory] = {}
     try:
+        for fmt, path in outputs.items():
+            if fmt is Format.KERNEL and path.is_dir():
+                path = path / "vmlinuz"
+            job.targets[fmt] = path
+            pending[fmt] = AtomicDirectory(path) if fmt is Format.DIR else AtomicOutput(path)
         if Format.RAW in pending:
             job.raw_target = pending[Format.RAW].tmp
-        # raw first, so the other disk formats convert from the finished raw file
-        order = sorted(pending, key=lambda f: (f is not Format.RAW, f not in DISK_FORMATS))
-        for fmt in order:
-            REGISTRY[fmt](job, pending[fmt].tmp)
+        # raw first, so that it starts at once; the converters that wait for it last
+        order = sorted(pending, key=lambda f: (f is not Format.RAW, f in DISK_FORMATS))
+        _run(job, [(fmt, pending[fmt].tmp) for fmt in order])
         artifacts = []
         for fmt in order:
-            path = pending[fmt].commit()
-            artifacts.append(Artifact(path, fmt, path.stat().st_size, sha256_file(path)))
+            for output in [pending[fmt], *job.siblings.get(fmt, [])]:
+                digest = job.digests[output.tmp]
+                path = output.commit()
+                size = job.rootfs.stats.data_bytes if path.is_dir() else path.stat().st_size
+                artifacts.append(Artifact(path, fmt, size, digest))
     finally:
-        for output in pending.values():
+        for output in [*pending.values(), *(o for s in job.siblings.values() for o in s)]:
             output.discard()
+    fstab_in = job.layout is not None or Format.TAR in outputs
     return ConvertResult(
         artifacts=tuple(artifacts),
         fs=job.identity if job.layout is not None else None,
         layout=job.layout,
-        generated=tuple(e.path for e in job.extra) if job.layout or Format.TAR in outputs else (),
+        generated=(*(e.path for e in job.extra if fstab_in), *job.added),
+        warnings=tuple(job.warnings),
     )
 
 
+def _task(job: Job, fmt: Format, tmp: Path) -> None:
+    """One converter, then the sha256 of what it wrote (while it is in the page cache)."""
+    REGISTRY[fmt](job, tmp)
+    for path in [tmp, *(s.tmp for s in job.siblings.get(fmt, []))]:
+        if path not in job.digests:
+            job.digests[path] = sha256_file(path)
+
+
+def _run(job: Job, tasks: list[tuple[Format, Path]]) -> None:
+    """Run the converters, several at once; raise the first real failure."""
+    workers = min(len(tasks), job.options.jobs or max(2, len(os.sched_getaffinity(0))))
+    if workers <= 1:
+        for fmt, tmp in tasks:
+            _task(job, fmt, tmp)
+        return
+    futures: list[Future[None]] = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="oci2disk-convert") as pool:
+        try:
+            futures = [pool.submit(_task, job, fmt, tmp) for fmt, tmp in tasks]
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            # A failure (or Ctrl-C) stops the others at their next write.
+            if not all(f.done() and f.exception() is None for f in futures):
+                job.stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+    failures = [exc for f in futures if not f.cancelled() and (exc := f.exception()) is not None]
+    if failures:
+        # The first real failure, not the "stopped because another failed" that followed.
+        raise next((e for e in failures if not isinstance(e, _Stopped)), failures[0])
+
+
 def sha256_file(path: Path) -> str:
+    """sha256 of a file; holes of a sparse file are hashed from a zero buffer, not read.
+
+    A raw disk is mostly holes (a 10 GiB image held 728 MiB of data); reading the
+    holes through the page cache took most of the time of a large build.
+    """
     h = hashlib.sha256()
+    chunk = 1 << 22
+    zeros = memoryview(bytes(chunk))
     with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        position = 0
+        while position < size:
+            try:
+                data_at = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as exc:  # ENXIO: only a hole is left
+                if exc.errno != errno.ENXIO:
+                    raise
+                data_at = size
+            while position < data_at:  # a hole: zeros without reading
+                n = min(chunk, data_at - position)
+                h.update(zeros[:n])
+                position += n
+            if position >= size:
+                break
+            hole_at = os.lseek(fd, position, os.SEEK_HOLE)
+            while position < hole_at:
+                data = os.pread(fd, min(chunk, hole_at - position), position)
+                if not data:
+                    raise ConvertError(f"{path} changed while it was being hashed")
+                h.update(data)
+                position += len(data)
     return h.hexdigest()
 
 
-def default_outputs(directory: Path, name: str, formats: tuple[Format, ...]) -> dict[Format, Path]:
-    return {fmt: directory / f"{name}.{fmt.suffix}" for fmt in formats}
+def default_outputs(
+    outdir: Path,
+    name: str,
+    formats: tuple[Format, ...],
+    options: ConvertOptions | None = None,
+) -> dict[Format, Path]:
+    """Where ``oci2disk build`` writes each output: NAME.raw, NAME.cgz, vmlinuz ..."""
+    return {fmt: outdir / output_name(fmt, name, options) for fmt in formats}
+
+
+def output_name(fmt: Format, name: str, options: ConvertOptions | None = None) -> str:
+    options = options or ConvertOptions()
+    if fmt is Format.KERNEL:
+        return "vmlinuz"  # initrd.img and vmlinux go beside it
+    if fmt is Format.CGZ and options.initramfs.compression is not ArchiveCompression.GZIP:
+        return f"{name}.cpio{compress.suffix(options.initramfs.compression)}"
+    if fmt is Format.TAR:
+        return f"{name}.tar{compress.suffix(options.tar.compression)}"
+    return f"{name}.{fmt.suffix}"
 
 
 def _epoch(rfc3339: str) -> int:

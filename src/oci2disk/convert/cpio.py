@@ -1,0 +1,400 @@
+"""Initramfs archives: the rootfs as a newc cpio, compressed (``.cgz`` when gzip).
+
+The archive is written straight from the flattened rootfs (metadata from its entries,
+file data read from the layers), so owners, modes, device nodes, symlinks and hard
+links are exact without extracting anything. A hard-link set shares one inode number
+and stores its data once, on its last name; the earlier names have size 0. This is
+the newc rule that both the kernel (init/initramfs.c) and GNU cpio follow.
+
+The kernel runs ``/init`` from an initramfs. An image without one gets a symlink to
+the init the recipe names (``[initramfs] init = "/sbin/init"``), else the conversion
+stops and says so. ``/dev/console`` is added (char 5:1) when the image lacks it:
+without it the kernel cannot give /init a console, so the boot is silent.
+
+newc has no room for xattrs; any the image has are dropped, and the log counts them.
+
+Host tools: igzip (isal), pigz, xz (xz-utils), all optional (see compress.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import stat
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from oci2disk.convert import compress
+from oci2disk.convert.kernel import follow
+from oci2disk.errors import ConvertError, VerifyError
+from oci2disk.flatten import Entry, FlatRootfs, Kind
+from oci2disk.recipe import InitramfsSpec
+from oci2disk.verify import Record
+
+log = logging.getLogger("oci2disk.cpio")
+
+NEWC = b"070701"
+NEWC_CRC = b"070702"
+HEADER = 110
+TRAILER = "TRAILER!!!"
+FIELD_MAX = 0xFFFFFFFF
+CHUNK = 1 << 20
+CONSOLE = (5, 1)
+# Where an image's init usually is; offered in the error when /init is missing.
+INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd", "/bin/sh")
+
+_TYPE_BITS = {
+    Kind.FILE: stat.S_IFREG,
+    Kind.HARDLINK: stat.S_IFREG,
+    Kind.DIR: stat.S_IFDIR,
+    Kind.SYMLINK: stat.S_IFLNK,
+    Kind.CHAR: stat.S_IFCHR,
+    Kind.BLOCK: stat.S_IFBLK,
+    Kind.FIFO: stat.S_IFIFO,
+}
+
+
+@dataclass(frozen=True)
+class CpioStats:
+    entries: int
+    data_bytes: int  # file data stored (each hard-link set once)
+    dropped_xattrs: int  # entries whose xattrs newc could not hold
+    added: tuple[str, ...]  # paths oci2disk added (init, dev/console)
+
+
+def initramfs_additions(rootfs: FlatRootfs, spec: InitramfsSpec, mtime: int) -> list[Entry]:
+    """The entries to add so that the kernel can run /init with a console."""
+    added: list[Entry] = []
+    existing = rootfs.lookup("init")
+    if spec.init is not None:
+        if existing is not None:
+            raise ConvertError(
+                f"the image has its own /init ({existing.kind.value}), and the recipe asks "
+                f"for /init to point to {spec.init}",
+                hint="remove init from [initramfs] in recipe.toml (the image's /init is used), "
+                "or remove /init from the image",
+            )
+        target = follow(rootfs, spec.init)
+        if target is None or target.kind not in (Kind.FILE, Kind.HARDLINK):
+            raise ConvertError(
+                f"[initramfs] init is {spec.init}, which is not a file in the image",
+                hint=_init_hint(rootfs),
+            )
+        if not target.mode & 0o111:
+            raise ConvertError(f"[initramfs] init {spec.init} ({target.path}) is not executable")
+        added.append(_symlink("init", spec.init, mtime))
+    elif existing is None:
+        raise ConvertError(
+            "the image has no /init, which the kernel runs from an initramfs",
+            hint=_init_hint(rootfs),
+        )
+    console = rootfs.lookup("dev/console")
+    if console is not None and (console.kind, console.devmajor, console.devminor) == (
+        Kind.CHAR,
+        *CONSOLE,
+    ):
+        return added
+    if console is None:
+        dev = rootfs.lookup("dev")
+        if dev is None:
+            added.append(Entry("dev", Kind.DIR, 0o755, 0, 0, 0, float(mtime)))
+        elif dev.kind is not Kind.DIR:
+            raise ConvertError("the image's /dev is not a directory, so it has no /dev/console")
+        log.warning("the image has no /dev/console; added it to the cpio (char 5:1)")
+    elif console.kind is Kind.DIR:
+        raise ConvertError("the image's /dev/console is a directory, not the console device")
+    else:
+        # e.g. the empty placeholder file `docker export` leaves there
+        log.warning(
+            "the image's /dev/console is a %s, not the console device; replaced it in the "
+            "cpio with char 5:1",
+            console.kind.value,
+        )
+    major, minor = CONSOLE
+    added.append(Entry("dev/console", Kind.CHAR, 0o600, 0, 0, 0, float(mtime), "", major, minor))
+    return added
+
+
+def _init_hint(rootfs: FlatRootfs) -> str:
+    found = [path for path in INIT_CANDIDATES if _is_program(rootfs, path)]
+    example = found[0] if found else "/sbin/init"
+    where = f" (the image has {', '.join(found)})" if found else ""
+    return (
+        f'set init = "{example}" in the [initramfs] table of recipe.toml (or --init {example}) '
+        f"to make /init a symlink to the image's init{where}"
+    )
+
+
+def _is_program(rootfs: FlatRootfs, path: str) -> bool:
+    entry = follow(rootfs, path)
+    return entry is not None and entry.kind in (Kind.FILE, Kind.HARDLINK) and bool(entry.mode & 1)
+
+
+def _symlink(path: str, target: str, mtime: int) -> Entry:
+    size = len(target.encode())
+    return Entry(path, Kind.SYMLINK, 0o777, 0, 0, size, float(mtime), target)
+
+
+def write_cgz(
+    rootfs: FlatRootfs,
+    path: Path,
+    spec: InitramfsSpec,
+    *,
+    mtime: int,
+    wrap: Callable[[BinaryIO], BinaryIO] | None = None,
+) -> CpioStats:
+    """Write the compressed initramfs archive of ``rootfs`` to ``path``."""
+    extra = initramfs_additions(rootfs, spec, mtime)
+    with compress.compressed(path, spec.compression, spec.level) as sink:
+        stats = write_cpio(rootfs, wrap(sink) if wrap else sink, extra=extra)
+    if stats.dropped_xattrs:
+        log.warning(
+            "newc cpio cannot hold xattrs: dropped those of %d path(s)", stats.dropped_xattrs
+        )
+    return stats
+
+
+class _Writer:
+    """Batches headers and small files into 1 MiB writes."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.buf = bytearray()
+
+    def write(self, data: bytes) -> None:
+        if len(data) >= CHUNK // 4:
+            self.flush()
+            self.out.write(data)
+            return
+        self.buf += data
+        if len(self.buf) >= CHUNK:
+            self.flush()
+
+    def pad(self, length: int) -> None:
+        if length % 4:
+            self.write(bytes(4 - length % 4))
+
+    def flush(self) -> None:
+        if self.buf:
+            self.out.write(bytes(self.buf))
+            self.buf.clear()
+
+
+def write_cpio(rootfs: FlatRootfs, out: BinaryIO, *, extra: Sequence[Entry] = ()) -> CpioStats:
+    """Write the uncompressed newc archive: every entry in canonical order, then ``extra``.
+
+    An entry of ``extra`` replaces the image's entry of the same path.
+    """
+    replaced = {e.path for e in extra}
+    links: dict[str, list[str]] = defaultdict(list)  # leader -> its other names, in order
+    for entry in rootfs.entries():
+        if entry.kind is Kind.HARDLINK:
+            if entry.path in replaced or entry.linkname in replaced:
+                raise ConvertError(f"cannot replace /{entry.path}: it is a hard link")
+            links[entry.linkname].append(entry.path)
+    carrier = {names[-1]: leader for leader, names in links.items()}  # the name holding data
+    writer = _Writer(out)
+    inodes: dict[str, int] = {}
+    count = data_bytes = dropped = 0
+    for entry in [*(e for e in rootfs.entries() if e.path not in replaced), *extra]:
+        count += 1
+        dropped += bool(entry.xattrs)
+        leader = entry.linkname if entry.kind is Kind.HARDLINK else entry.path
+        ino = inodes.setdefault(leader, len(inodes) + 1)
+        nlink, size, data, source = 1, 0, b"", ""
+        if entry.kind in (Kind.FILE, Kind.HARDLINK):
+            names = links.get(leader)
+            if names is None:
+                size, source = entry.size, entry.path
+            else:
+                nlink = len(names) + 1
+                if carrier.get(entry.path) == leader:
+                    size, source = _file_size(rootfs, leader), entry.path
+        elif entry.kind is Kind.SYMLINK:
+            data = entry.linkname.encode("utf-8", "surrogateescape")
+            size = len(data)
+        elif entry.kind is Kind.DIR:
+            nlink = 2
+        if size > FIELD_MAX:
+            raise ConvertError(
+                f"/{entry.path} is {size} bytes; a newc cpio cannot hold files of 4 GiB or more",
+                hint="remove the file from the image or choose another output format",
+            )
+        mode = _TYPE_BITS[entry.kind] | (entry.mode & 0o7777)
+        mtime = min(max(int(entry.mtime), 0), FIELD_MAX)
+        fields = (
+            ino,
+            mode,
+            entry.uid,
+            entry.gid,
+            nlink,
+            mtime,
+            size,
+            entry.devmajor,
+            entry.devminor,
+        )
+        _header(writer, entry.path, *fields)
+        if data:
+            writer.write(data)
+        elif source and size:
+            _copy(rootfs, source, size, writer)
+        data_bytes += size
+        writer.pad(size)
+    _header(writer, TRAILER, 0, 0, 0, 0, 1, 0, 0, 0, 0)
+    writer.flush()
+    out.flush()
+    return CpioStats(count, data_bytes, dropped, tuple(e.path for e in extra))
+
+
+def _header(
+    writer: _Writer,
+    path: str,
+    ino: int,
+    mode: int,
+    uid: int,
+    gid: int,
+    nlink: int,
+    mtime: int,
+    size: int,
+    rdevmajor: int,
+    rdevminor: int,
+) -> None:
+    name = path.encode("utf-8", "surrogateescape")
+    # dev (the fields after size) is 0:0 for every entry; check is 0 in newc.
+    fields = (ino, mode, uid, gid, nlink, mtime, size, 0, 0, rdevmajor, rdevminor, len(name) + 1, 0)
+    writer.write(NEWC + "".join(f"{value:08X}" for value in fields).encode("ascii") + name + b"\0")
+    writer.pad(HEADER + len(name) + 1)
+
+
+def _file_size(rootfs: FlatRootfs, path: str) -> int:
+    entry = rootfs.lookup(path)
+    assert entry is not None
+    return entry.size
+
+
+def _copy(rootfs: FlatRootfs, path: str, size: int, writer: _Writer) -> None:
+    copied = 0
+    with rootfs.open(path) as f:
+        while chunk := f.read(min(CHUNK, size - copied)):
+            writer.write(chunk)
+            copied += len(chunk)
+            if copied == size:
+                break
+    if copied != size:
+        raise ConvertError(f"/{path}: read {copied} of its {size} bytes from the image layers")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def records_from_cpio(stream: BinaryIO) -> Iterator[Record]:
+    """The :class:`~oci2disk.verify.Record` of every path of a newc archive.
+
+    Names of one hard-link set (same inode number, nlink > 1) all get the content of the
+    one name that carries data, whichever it is. A newc archive holds no xattrs.
+    """
+    records: dict[str, Record] = {}
+    inode_of: dict[str, tuple[int, int, int]] = {}
+    content: dict[tuple[int, int, int], tuple[int, str]] = {}
+    offset = 0
+
+    def read(n: int) -> bytes:
+        nonlocal offset
+        data = stream.read(n)
+        if len(data) != n:
+            raise VerifyError(f"the cpio archive ends early (at byte {offset + len(data)})")
+        offset += n
+        return data
+
+    def skip_pad(n: int) -> None:
+        if n % 4:
+            read(4 - n % 4)
+
+    while True:
+        header = read(HEADER)
+        if header[:6] not in (NEWC, NEWC_CRC):
+            raise VerifyError(
+                f"not a newc cpio archive: bad magic {header[:6]!r} at byte {offset - HEADER}"
+            )
+        try:
+            f = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
+        except ValueError:
+            raise VerifyError(f"bad cpio header at byte {offset - HEADER}") from None
+        ino, mode, uid, gid, nlink, _mtime, size, dmaj, dmin, rmaj, rmin, namesize, _ = f
+        name = read(namesize).rstrip(b"\0").decode("utf-8", "surrogateescape")
+        skip_pad(HEADER + namesize)
+        if name == TRAILER:
+            break
+        path = _normalize(name)
+        kind = _kind(mode, path)
+        digest = hashlib.sha256()
+        remaining = size
+        target = b""
+        while remaining:
+            chunk = read(min(CHUNK, remaining))
+            remaining -= len(chunk)
+            if kind == "symlink":
+                target += chunk
+            else:
+                digest.update(chunk)
+        skip_pad(size)
+        records[path] = Record(
+            path=path,
+            kind=kind,
+            mode=mode & 0o7777,
+            uid=uid,
+            gid=gid,
+            size=size if kind in ("file", "symlink") else 0,
+            sha256=digest.hexdigest() if kind == "file" else "",
+            linkname=target.decode("utf-8", "surrogateescape"),
+            devmajor=rmaj,
+            devminor=rmin,
+            xattrs=(),
+        )
+        inode_of.pop(path, None)
+        if kind == "file" and nlink > 1:
+            key = (dmaj, dmin, ino)
+            inode_of[path] = key
+            if size or key not in content:
+                content[key] = (size, digest.hexdigest())
+    members: dict[tuple[int, int, int], list[str]] = defaultdict(list)
+    for path, key in inode_of.items():
+        members[key].append(path)
+    for path, record in records.items():
+        inode = inode_of.get(path)
+        if inode is None or len(members[inode]) < 2:
+            yield record
+            continue
+        size, sha256 = content[inode]
+        yield replace(record, size=size, sha256=sha256, link_group=min(members[inode]))
+
+
+def read_records(path: Path) -> list[Record]:
+    """The records of a (compressed) cpio file, for ``oci2disk verify``."""
+    with compress.open_decompressed(path) as stream:
+        return list(records_from_cpio(stream))
+
+
+def _normalize(name: str) -> str:
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    return "/".join(parts) or "."
+
+
+def _kind(mode: int, path: str) -> str:
+    fmt = stat.S_IFMT(mode)
+    kinds = {
+        stat.S_IFREG: "file",
+        stat.S_IFDIR: "dir",
+        stat.S_IFLNK: "symlink",
+        stat.S_IFCHR: "char",
+        stat.S_IFBLK: "block",
+        stat.S_IFIFO: "fifo",
+        stat.S_IFSOCK: "socket",
+    }
+    kind = kinds.get(fmt)
+    if kind is None:
+        raise VerifyError(f"cpio entry {path!r} has an unknown file type (mode {mode:o})")
+    return kind

@@ -1,0 +1,310 @@
+"""The rootfs extracted into a directory (an nfsroot, a chroot, ``mkfs -d`` input).
+
+As root, every owner, mode, device node, xattr and modification time is exact. As
+another user the tool keeps what it can: file data, modes, symlinks, hard links,
+fifos and the xattrs it may set; it lists what it could not keep (owners, device
+nodes, privileged xattrs) in :class:`DirectoryReport`, which the caller shows.
+
+Every path is created relative to an open descriptor of its parent directory, opened
+without following symlinks, and nothing is ever created through a symlink, so a
+symlink in the image (``/lib -> /usr/lib``, or one pointing at ``/etc`` of the host)
+never leads a write out of the target directory.
+
+The directory is written under a temporary name beside the target and renamed into
+place at the end (see :class:`oci2disk.workspace.AtomicDirectory`).
+
+Host tools: none.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from oci2disk.errors import ConvertError
+from oci2disk.flatten import Entry, FlatRootfs, Kind
+from oci2disk.verify import Record
+
+log = logging.getLogger("oci2disk.directory")
+
+CHUNK = 1 << 20
+SHOWN = 10  # paths named per kind of loss in the summary
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class DirectoryReport:
+    """What could not be kept; empty when the directory equals the image."""
+
+    owners: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    xattrs: list[str] = field(default_factory=list)
+    digest: str = ""  # sha256 over every path's metadata and content: equal trees, equal digest
+
+    @property
+    def exact(self) -> bool:
+        return not (self.owners or self.devices or self.xattrs)
+
+    def summary(self) -> list[str]:
+        """One line per kind of loss, naming the first paths and why."""
+        lines = []
+        who = f"uid {os.geteuid()}"
+        if self.owners:
+            lines.append(
+                f"could not keep the owner of {len(self.owners)} path(s) (running as {who}; "
+                f"they belong to {who} now): {_some(self.owners)}"
+            )
+        if self.devices:
+            lines.append(
+                f"could not create {len(self.devices)} device node(s) (needs root; "
+                f"they are left out): {_some(self.devices)}"
+            )
+        if self.xattrs:
+            lines.append(
+                f"could not set {len(self.xattrs)} xattr(s) (trusted.* and security.* need "
+                f"root): {_some(self.xattrs)}"
+            )
+        if lines:
+            lines.append("run oci2disk as root for an exact copy of the image")
+        return lines
+
+
+def _some(paths: list[str]) -> str:
+    shown = ", ".join("/" + p for p in paths[:SHOWN])
+    return shown + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
+
+
+class _Tree:
+    """Open descriptors of the directories on the current path, so lookups never follow."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.fds: dict[str, int] = {".": root_fd}
+
+    def parent(self, path: str) -> tuple[int, str]:
+        head, _, base = path.rpartition("/")
+        return self.dir_fd(head or "."), base
+
+    def dir_fd(self, path: str) -> int:
+        fd = self.fds.get(path)
+        if fd is None:
+            parent, base = self.parent(path)
+            try:
+                fd = os.open(base, _DIR_FLAGS, dir_fd=parent)
+            except OSError as exc:
+                # ELOOP / ENOTDIR: the path passes through a symlink or a non-directory.
+                raise ConvertError(f"cannot open /{path} as a directory ({exc.strerror})") from None
+            self.fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        for path, fd in self.fds.items():
+            if path != ".":
+                os.close(fd)
+        self.fds = {}
+
+
+def extract(
+    rootfs: FlatRootfs, target: Path, *, check: Callable[[], None] | None = None
+) -> DirectoryReport:
+    """Write every entry of ``rootfs`` into the empty directory ``target``."""
+    report = DirectoryReport()
+    digest = hashlib.sha256()
+    root_fd = os.open(target, _DIR_FLAGS)
+    tree = _Tree(root_fd)
+    dirs: list[Entry] = []
+    try:
+        for entry in rootfs.entries():
+            if check is not None:
+                check()
+            if entry.path == ".":
+                dirs.append(entry)
+                digest.update(_line(entry, ""))
+                continue
+            parent, name = tree.parent(entry.path)
+            content = ""
+            if entry.kind is Kind.DIR:
+                os.mkdir(name, 0o700, dir_fd=parent)
+                dirs.append(entry)
+            elif entry.kind is Kind.FILE:
+                content = _write_file(rootfs, entry, parent, name, report)
+            elif entry.kind is Kind.HARDLINK:
+                src_parent, src_name = tree.parent(entry.linkname)
+                os.link(
+                    src_name, name, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False
+                )
+                content = entry.linkname
+            elif entry.kind is Kind.SYMLINK:
+                os.symlink(entry.linkname, name, dir_fd=parent)
+                _metadata(entry, parent, name, report)
+            elif not _make_node(entry, parent, name, report):
+                continue
+            else:
+                _metadata(entry, parent, name, report)
+            digest.update(_line(entry, content))
+        # Directories last, deepest first: their mode may forbid writing into them and
+        # adding children changes their mtime.
+        for entry in reversed(dirs):
+            if entry.path == ".":
+                _metadata(entry, root_fd, None, report)
+            else:
+                parent, name = tree.parent(entry.path)
+                _metadata(entry, parent, name, report)
+    finally:
+        tree.close()
+        os.close(root_fd)
+    report.digest = digest.hexdigest()
+    return report
+
+
+def _line(entry: Entry, content: str) -> bytes:
+    fields = (
+        entry.path,
+        entry.kind.value,
+        f"{entry.mode:o}",
+        f"{entry.uid}:{entry.gid}",
+        content,
+        entry.linkname,
+        f"{entry.devmajor}:{entry.devminor}",
+    )
+    return "\0".join(fields).encode("utf-8", "surrogateescape") + b"\n"
+
+
+def _write_file(
+    rootfs: FlatRootfs, entry: Entry, parent: int, name: str, report: DirectoryReport
+) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
+    try:
+        if entry.size:
+            with rootfs.open(entry.path) as src:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+        _metadata(entry, fd, None, report)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def _make_node(entry: Entry, parent: int, name: str, report: DirectoryReport) -> bool:
+    kind = {Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.FIFO: stat.S_IFIFO}
+    device = os.makedev(entry.devmajor, entry.devminor) if entry.kind is not Kind.FIFO else 0
+    try:
+        os.mknod(name, kind[entry.kind] | 0o600, device, dir_fd=parent)
+    except PermissionError:
+        report.devices.append(entry.path)
+        return False
+    return True
+
+
+def _metadata(entry: Entry, fd: int, name: str | None, report: DirectoryReport) -> None:
+    """Owner, then mode (chown clears set-id bits), xattrs (capabilities too), then times.
+
+    With ``name`` None, ``fd`` is the file itself; else ``fd`` is its parent directory.
+    """
+    try:
+        if name is None:
+            os.fchown(fd, entry.uid, entry.gid)
+        else:
+            os.chown(name, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
+    except PermissionError:
+        report.owners.append(entry.path)
+    if entry.kind is not Kind.SYMLINK:  # Linux has no symlink modes
+        if name is None:
+            os.fchmod(fd, entry.mode & 0o7777)
+        else:
+            os.chmod(name, entry.mode & 0o7777, dir_fd=fd)
+    for key, value in entry.xattrs:
+        try:
+            if name is None:
+                os.setxattr(fd, key, value)
+            else:
+                _setxattr_at(fd, name, key, value)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            report.xattrs.append(f"{entry.path} ({key})")
+    times = (entry.mtime, entry.mtime)
+    if name is None:
+        os.utime(fd, times)
+    else:
+        os.utime(name, times, dir_fd=fd, follow_symlinks=False)
+
+
+def _setxattr_at(parent: int, name: str, key: str, value: bytes) -> None:
+    # No setxattrat() in Python: go through /proc's view of the parent descriptor, which
+    # resolves the final name without following it.
+    os.setxattr(f"/proc/self/fd/{parent}/{name}", key, value, follow_symlinks=False)
+
+
+# ---------------------------------------------------------------- reading back
+
+
+def records_from_directory(root: Path) -> Iterator[Record]:
+    """The :class:`~oci2disk.verify.Record` of every path under ``root`` (not following)."""
+    paths_of: dict[tuple[int, int], list[str]] = defaultdict(list)
+    found: list[tuple[str, os.stat_result]] = [(".", os.lstat(root))]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted([*filenames, *dirnames]):
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            rel = os.path.relpath(full, root)
+            found.append((rel, st))
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                paths_of[(st.st_dev, st.st_ino)].append(rel)
+    for rel, st in found:
+        full = os.path.join(root, rel)
+        mode = st.st_mode
+        kind = _record_kind(mode)
+        sha256 = ""
+        if kind == "file":
+            with open(full, "rb") as f:
+                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        group = paths_of.get((st.st_dev, st.st_ino), []) if kind == "file" else []
+        yield Record(
+            path=rel,
+            kind=kind,
+            mode=stat.S_IMODE(mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size if kind in ("file", "symlink") else 0,
+            sha256=sha256,
+            linkname=os.readlink(full) if kind == "symlink" else "",
+            devmajor=os.major(st.st_rdev) if kind in ("char", "block") else 0,
+            devminor=os.minor(st.st_rdev) if kind in ("char", "block") else 0,
+            xattrs=_xattrs(full),
+            link_group=min(group) if len(group) > 1 else "",
+        )
+
+
+def _record_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISREG, "file"),
+        (stat.S_ISDIR, "dir"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISCHR, "char"),
+        (stat.S_ISBLK, "block"),
+        (stat.S_ISFIFO, "fifo"),
+    ):
+        if test(mode):
+            return kind
+    return "socket"
+
+
+def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return ()
+    return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names))
