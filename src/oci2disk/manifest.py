@@ -11,6 +11,7 @@ from typing import Any
 
 from oci2disk import __version__
 from oci2disk.convert import ConvertResult
+from oci2disk.convert.disk import root_partuuid
 from oci2disk.oci.layout import OciImage
 
 SUFFIX = ".manifest.json"
@@ -46,6 +47,7 @@ def build_manifest(
             for a in result.artifacts
         ],
         "generated": list(result.generated),
+        "warnings": list(result.warnings),
         "options": options,
     }
     if recipe is not None:
@@ -60,6 +62,8 @@ def build_manifest(
             "table": result.layout.table.value,
         }
         data["root_partition"] = result.layout.root_partition
+        # root=PARTUUID=... works without an initramfs, whatever the kernel names the disk
+        data["root_partuuid"] = root_partuuid(result.layout, result.fs)
     return data
 
 

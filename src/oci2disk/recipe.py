@@ -31,10 +31,14 @@ class Format(enum.Enum):
     VDI = "vdi"
     FS = "fs"
     TAR = "tar"
+    CGZ = "cgz"
+    DIR = "dir"
+    KERNEL = "kernel"
 
     @property
     def suffix(self) -> str:
-        return {"fs": "ext4", "vpc": "vhd"}.get(self.value, self.value)
+        """File name suffix of the default output (the kernel output is named vmlinuz)."""
+        return {"fs": "ext4", "vpc": "vhd", "dir": "rootfs"}.get(self.value, self.value)
 
     @classmethod
     def parse(cls, text: str) -> Format:
@@ -77,6 +81,23 @@ class Compression(enum.Enum):
     ZSTD = "zstd"
 
 
+class ArchiveCompression(enum.Enum):
+    """How the cgz (cpio) and tar outputs are compressed."""
+
+    GZIP = "gzip"
+    ZSTD = "zstd"
+    XZ = "xz"
+    NONE = "none"
+
+
+# The levels each compressor accepts (inclusive).
+ARCHIVE_LEVELS = {
+    ArchiveCompression.GZIP: (1, 9),
+    ArchiveCompression.ZSTD: (1, 19),
+    ArchiveCompression.XZ: (0, 9),
+}
+
+
 @dataclass(frozen=True)
 class BuildSpec:
     dockerfile: Path | None  # absolute; None when the recipe names an image instead
@@ -96,6 +117,13 @@ class DiskSpec:
     label: str = "rootfs"
     uuid: str | None = None  # None: derived from the image digest and options
     fstab: FstabMode = FstabMode.UUID
+    # The partition number of the root filesystem (gem5's root_partition); the partitions
+    # before it are 1 MiB placeholders (the first one a BIOS boot partition on GPT).
+    root_partition: int = 1
+
+
+# The highest root partition number each table can hold (MBR: primary partitions only).
+MAX_ROOT_PARTITION = {Table.MBR: 4, Table.GPT: 128}
 
 
 @dataclass(frozen=True)
@@ -106,12 +134,36 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class InitramfsSpec:
+    """The cgz output: ``init`` is where /init points when the image has no /init."""
+
+    init: str | None = None  # an absolute path in the image, e.g. "/sbin/init"
+    compression: ArchiveCompression = ArchiveCompression.GZIP
+    level: int | None = None  # None: the fastest good setting of the compressor found
+
+
+@dataclass(frozen=True)
+class TarSpec:
+    compression: ArchiveCompression = ArchiveCompression.NONE
+    level: int | None = None
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    version: str | None = None  # None: the newest kernel in the image's /boot
+    vmlinux: bool = False  # also write the uncompressed ELF kernel (gem5 wants it)
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path  # the recipe directory
     name: str
     build: BuildSpec
     disk: DiskSpec
     outputs: OutputSpec
+    initramfs: InitramfsSpec = field(default_factory=InitramfsSpec)
+    tar: TarSpec = field(default_factory=TarSpec)
+    kernel: KernelSpec = field(default_factory=KernelSpec)
 
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -169,6 +221,20 @@ class _Section:
             raise self.error(key, 'a table of KEY = "value"')
         return {str(k): str(v) for k, v in value.items()}
 
+    def integer(self, key: str, default: int | None = None) -> int | None:
+        self.used.add(key)
+        value = self.data.get(key, default)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise self.error(key, "a whole number")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        self.used.add(key)
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, "true or false")
+        return value
+
     def str_list(self, key: str, default: list[str]) -> list[str]:
         self.used.add(key)
         value = self.data.get(key, default)
@@ -202,7 +268,7 @@ def load(recipe_dir: Path) -> Recipe:
         raise RecipeError(f"{file}: not valid TOML ({exc})") from None
     top = _Section(file, "", data)
     tables = {}
-    for name in ("build", "disk", "outputs"):
+    for name in ("build", "disk", "outputs", "initramfs", "tar", "kernel"):
         top.used.add(name)
         value = data.get(name, {})
         if not isinstance(value, Mapping):
@@ -212,9 +278,12 @@ def load(recipe_dir: Path) -> Recipe:
     build = _build(recipe_dir, tables["build"])
     disk = _disk(tables["disk"])
     outputs = _outputs(tables["outputs"])
+    initramfs = _initramfs(tables["initramfs"])
+    tar = _tar(tables["tar"])
+    kernel = _kernel(tables["kernel"])
     for section in tables.values():
         section.finish()
-    return Recipe(recipe_dir, recipe_dir.name, build, disk, outputs)
+    return Recipe(recipe_dir, recipe_dir.name, build, disk, outputs, initramfs, tar, kernel)
 
 
 def _build(recipe_dir: Path, s: _Section) -> BuildSpec:
@@ -262,14 +331,29 @@ def _disk(s: _Section) -> DiskSpec:
     label = s.text("label", "rootfs") or ""
     if len(label.encode()) > 16:
         raise s.error("label", "at most 16 bytes (the ext4 limit)")
+    table = s.enum("table", Table, Table.MBR)
     return DiskSpec(
-        table=s.enum("table", Table, Table.MBR),
+        table=table,
         fs=s.enum("fs", FsType, FsType.EXT4),
         size=size,
         label=label,
         uuid=uuid.lower() if uuid else None,
         fstab=s.enum("fstab", FstabMode, FstabMode.UUID),
+        root_partition=_root_partition(s, table),
     )
+
+
+def _root_partition(s: _Section, table: Table) -> int:
+    number = s.integer("root_partition")
+    if number is None:
+        return 1
+    if table is Table.NONE:
+        raise s.error("root_partition", 'no root_partition with table = "none" (no partitions)')
+    highest = MAX_ROOT_PARTITION[table]
+    if not 1 <= number <= highest:
+        more = ' (table = "gpt" allows up to 128)' if table is Table.MBR else ""
+        raise s.error("root_partition", f"a {table.value} partition from 1 to {highest}{more}")
+    return number
 
 
 def _outputs(s: _Section) -> OutputSpec:
@@ -292,3 +376,46 @@ def _outputs(s: _Section) -> OutputSpec:
         name=name,
         compression=s.enum("compression", Compression, Compression.NONE),
     )
+
+
+def check_level(compression: ArchiveCompression, level: int | None) -> str | None:
+    """None if ``level`` suits ``compression``, else what was expected."""
+    if level is None:
+        return None
+    if compression is ArchiveCompression.NONE:
+        return "no level when compression is 'none'"
+    low, high = ARCHIVE_LEVELS[compression]
+    if not low <= level <= high:
+        return f"a {compression.value} level from {low} to {high}"
+    return None
+
+
+def _compression_and_level(
+    s: _Section, default: ArchiveCompression
+) -> tuple[ArchiveCompression, int | None]:
+    compression = s.enum("compression", ArchiveCompression, default)
+    level = s.integer("level")
+    problem = check_level(compression, level)
+    if problem:
+        raise s.error("level", problem)
+    return compression, level
+
+
+def _initramfs(s: _Section) -> InitramfsSpec:
+    init = s.text("init")
+    if init is not None and (not init.startswith("/") or init.rstrip("/") in ("", "/init")):
+        raise s.error("init", 'the absolute path of the image\'s init, like "/sbin/init"')
+    compression, level = _compression_and_level(s, ArchiveCompression.GZIP)
+    return InitramfsSpec(init=init, compression=compression, level=level)
+
+
+def _tar(s: _Section) -> TarSpec:
+    compression, level = _compression_and_level(s, ArchiveCompression.NONE)
+    return TarSpec(compression=compression, level=level)
+
+
+def _kernel(s: _Section) -> KernelSpec:
+    version = s.text("version")
+    if version is not None and (not version or "/" in version):
+        raise s.error("version", 'a kernel version like "6.1.0-18-amd64"')
+    return KernelSpec(version=version, vmlinux=s.boolean("vmlinux", False))

@@ -39,6 +39,14 @@ BLOCK = 4096
 SECTOR = 512
 PART_START = 1 * MiB  # first partition at 1 MiB, aligned for every disk and bootloader
 GPT_TAIL = 1 * MiB  # room for the backup GPT, kept aligned
+# Partitions before the root one (when the recipe sets root_partition > 1) are empty
+# placeholders of 1 MiB. The first, on GPT, is a BIOS boot partition, as in the
+# gem5-resources Ubuntu images (partition 1 for GRUB, root on 2); the others are
+# "Linux reserved" (GPT) or "Non-FS data" (MBR), so nothing mounts or formats them.
+PLACEHOLDER_BYTES = 1 * MiB
+GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
+GPT_RESERVED = "8DA63339-0007-60C0-C436-083AC8230908"
+MBR_NON_FS = "da"
 MIN_MKE2FS = (1, 47, 1)
 # Features that e2fsprogs 1.47 turns on by default but kernels before 5.15 (and GRUB
 # before 2.12) cannot mount; a disk image should boot with the kernels users still run.
@@ -57,10 +65,11 @@ class DiskLayout:
     disk_bytes: int
     fs_offset: int
     fs_bytes: int
+    partition: int = 1  # the root filesystem's partition number (when there is a table)
 
     @property
     def root_partition(self) -> int | None:
-        return None if self.table is Table.NONE else 1
+        return None if self.table is Table.NONE else self.partition
 
 
 @dataclass(frozen=True)
@@ -131,10 +140,13 @@ def round_up(value: int, unit: int) -> int:
 def plan_layout(stats: RootfsStats, spec: DiskSpec) -> DiskLayout:
     """Pick the disk size and where the filesystem goes; refuse a fixed size that is too small."""
     estimate = estimate_fs_bytes(stats, spec.fs)
+    partition = 1
     if spec.table is Table.NONE:
         head, tail = 0, 0
     else:
-        head, tail = PART_START, (GPT_TAIL if spec.table is Table.GPT else 0)
+        partition = spec.root_partition
+        head = PART_START + (partition - 1) * PLACEHOLDER_BYTES
+        tail = GPT_TAIL if spec.table is Table.GPT else 0
     if spec.size is None:
         fs_bytes = estimate.auto
         disk_bytes = head + fs_bytes + tail
@@ -143,7 +155,7 @@ def plan_layout(stats: RootfsStats, spec: DiskSpec) -> DiskLayout:
         fs_bytes = (disk_bytes - head - tail) // BLOCK * BLOCK
         if fs_bytes < estimate.minimum:
             raise too_small(spec.size, estimate, head + tail)
-    return DiskLayout(spec.table, disk_bytes, head, fs_bytes)
+    return DiskLayout(spec.table, disk_bytes, head, fs_bytes, partition)
 
 
 def too_small(size: int, estimate: SizeEstimate, overhead: int) -> ConvertError:
@@ -216,6 +228,7 @@ def write_partition_table(path: Path, layout: DiskLayout, identity: FsIdentity) 
         script = (
             "label: dos\n"
             f"label-id: 0x{disk_id.int & 0xFFFFFFFF:08x}\n"
+            f"{_placeholder_lines(layout, identity)}"
             f"start={start}, size={sectors}, type=83, bootable\n"
         )
     else:
@@ -223,6 +236,7 @@ def write_partition_table(path: Path, layout: DiskLayout, identity: FsIdentity) 
         script = (
             "label: gpt\n"
             f"label-id: {disk_id}\n"
+            f"{_placeholder_lines(layout, identity)}"
             f"start={start}, size={sectors}, "
             "type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, "
             f'uuid={part_uuid}, name="{identity.label or "root"}"\n'
@@ -232,6 +246,32 @@ def write_partition_table(path: Path, layout: DiskLayout, identity: FsIdentity) 
         input=script.encode(),
         what="writing the partition table failed",
     )
+
+
+def _placeholder_lines(layout: DiskLayout, identity: FsIdentity) -> str:
+    """sfdisk lines for the empty partitions before the root one (none when it is 1)."""
+    lines = []
+    for number in range(1, layout.partition):
+        start = (PART_START + (number - 1) * PLACEHOLDER_BYTES) // SECTOR
+        size = PLACEHOLDER_BYTES // SECTOR
+        if layout.table is Table.MBR:
+            lines.append(f"start={start}, size={size}, type={MBR_NON_FS}\n")
+            continue
+        kind, name = (GPT_BIOS_BOOT, "bios") if number == 1 else (GPT_RESERVED, "reserved")
+        uuid = derive_uuid("partition", identity.uuid, str(number))
+        lines.append(f'start={start}, size={size}, type={kind}, uuid={uuid}, name="{name}"\n')
+    return "".join(lines)
+
+
+def root_partuuid(layout: DiskLayout, identity: FsIdentity) -> str | None:
+    """The root partition's PARTUUID, which a kernel takes as ``root=PARTUUID=...``
+    without an initramfs (GPT: the partition's UUID; MBR: DISKID-NN)."""
+    if layout.table is Table.NONE:
+        return None
+    if layout.table is Table.GPT:
+        return derive_uuid("partition", identity.uuid)
+    disk_id = uuidlib.UUID(derive_uuid("disk", identity.uuid))
+    return f"{disk_id.int & 0xFFFFFFFF:08x}-{layout.partition:02x}"
 
 
 def write_filesystem(
