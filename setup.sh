@@ -13,7 +13,8 @@ PACKAGES=(
   docker.io buildah umoci skopeo mmdebstrap
   qemu-utils qemu-system-x86 mtools fdisk cpio util-linux
   libarchive13 iptables ca-certificates debian-archive-keyring
-  zstd pigz xz-utils python3-venv python3-dev attr libcap2-bin
+  zstd pigz xz-utils isal lz4 python3-venv python3-dev attr libcap2-bin
+  docker-registry qemu-user-static binfmt-support arch-test qemu-system-arm
 )
 
 need_apt=0
@@ -36,6 +37,26 @@ if [ "$need_apt" = 1 ]; then
   if [ "${VERSION_CODENAME:-}" = bookworm ]; then e2fs="e2fsprogs/bookworm-backports"; fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     "${PACKAGES[@]}" "$e2fs"
+fi
+
+# Foreign-architecture builds (--platform linux/arm64) run RUN steps through qemu-user:
+# binfmt_misc must be mounted and the qemu-aarch64 handler registered (the package's
+# postinst cannot do that where binfmt_misc was not mounted at install time).
+if [ ! -e /proc/sys/fs/binfmt_misc/status ]; then
+  $SUDO mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc \
+    || echo "warning: cannot mount binfmt_misc; --platform builds for other architectures will fail" >&2
+fi
+if [ -e /proc/sys/fs/binfmt_misc/status ] && [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+  $SUDO update-binfmts --enable qemu-aarch64 \
+    || echo "warning: cannot register qemu-aarch64 with binfmt_misc" >&2
+fi
+
+# An unprivileged user with subordinate ids, for the test that builds with rootless buildah.
+if ! id oci2disk-builder >/dev/null 2>&1; then
+  $SUDO useradd --create-home --shell /usr/sbin/nologin --comment "oci2disk rootless build tests" oci2disk-builder
+fi
+if ! grep -qs '^oci2disk-builder:' /etc/subuid || ! grep -qs '^oci2disk-builder:' /etc/subgid; then
+  $SUDO usermod --add-subuids 1000000-1065535 --add-subgids 1000000-1065535 oci2disk-builder
 fi
 
 if [ ! -x .venv/bin/oci2disk ] || [ pyproject.toml -nt .venv/.installed ]; then

@@ -28,6 +28,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,12 +75,19 @@ class _Arch:
     machine: str
     console: str
     kvm_host: str  # platform.machine() on which KVM can run this guest
+    # -cpu under TCG. For aarch64, "max" with QEMU's own pointer-authentication
+    # algorithm instead of QARMA, which TCG emulates several times slower.
+    tcg_cpu: str = "max"
 
 
 _ARCHES: dict[str, _Arch] = {
     "x86_64": _Arch("qemu-system-x86_64", "pc", "ttyS0", "x86_64"),
-    "aarch64": _Arch("qemu-system-aarch64", "virt", "ttyAMA0", "aarch64"),
+    "aarch64": _Arch(
+        "qemu-system-aarch64", "virt", "ttyAMA0", "aarch64", tcg_cpu="max,pauth-impdef=on"
+    ),
 }
+# Names a platform or `uname -m` may give an architecture, to the names above.
+ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
 
 
 def _arch(name: str) -> _Arch:
@@ -101,6 +109,49 @@ def kernel_cmdline(root: str, extra: str = "", *, arch: str = "x86_64") -> str:
     if extra:
         parts.append(extra)
     return " ".join(parts)
+
+
+# Where each kernel image format says what it is (Linux boot protocols).
+_ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64"}
+_X86_BZIMAGE_MAGIC = (0x202, b"HdrS")
+_ARM64_IMAGE_MAGIC = (0x38, b"ARM\x64")
+_HEAD = 4096
+
+
+def kernel_arch(kernel: Path) -> str:
+    """The architecture a kernel image is for ("x86_64", "aarch64"), from its header.
+
+    Knows x86 bzImages, arm64 Images (also gzip-compressed, as Debian's arm64 vmlinuz)
+    and ELF vmlinux files.
+    """
+    with kernel.open("rb") as f:
+        head = f.read(_HEAD)
+        if head.startswith(b"\x1f\x8b"):
+            f.seek(0)
+            head = _gunzip_head(f.read(1 << 20))
+    if head.startswith(b"\x7fELF") and len(head) >= 20:
+        machine = struct.unpack_from("<H", head, 18)[0]
+        if machine in _ELF_MACHINES:
+            return _ELF_MACHINES[machine]
+    for (offset, magic), arch in ((_X86_BZIMAGE_MAGIC, "x86_64"), (_ARM64_IMAGE_MAGIC, "aarch64")):
+        if head[offset : offset + len(magic)] == magic:
+            return arch
+    raise BootError(
+        f"cannot tell which architecture the kernel {os.fspath(kernel)} is for",
+        hint="oci2disk boots x86_64 bzImages and arm64 Images (plain or gzip-compressed)",
+    )
+
+
+def _gunzip_head(data: bytes) -> bytes:
+    try:
+        return zlib.decompressobj(wbits=31).decompress(data, _HEAD)
+    except zlib.error:
+        return b""
+
+
+def arch_name(name: str) -> str:
+    """``amd64``/``arm64`` (platforms) or ``x86_64``/``aarch64`` to a bootable arch name."""
+    return ARCH_ALIASES.get(name, name)
 
 
 # --- KVM probe ------------------------------------------------------------------------
@@ -196,7 +247,7 @@ def _qemu_argv(spec: BootSpec, accel: str) -> list[str]:
         arch.qemu,
         "-machine", arch.machine,
         "-accel", accel,
-        "-cpu", "host" if accel == "kvm" else "max",
+        "-cpu", "host" if accel == "kvm" else arch.tcg_cpu,
         "-m", str(spec.memory_mb),
         "-smp", str(spec.cpus),
         "-nodefaults", "-display", "none", "-monitor", "none",

@@ -6,11 +6,11 @@ import tarfile
 from pathlib import Path
 
 from oci2disk.errors import ImageError
+from oci2disk.oci import transports
 from oci2disk.oci.layout import (
     OciImage,
     Platform,
     layout_from_docker_archive,
-    layout_from_rootfs_tar,
     open_layout,
 )
 from oci2disk.refs import ImageRef, Transport
@@ -24,7 +24,14 @@ def open_image(ref: ImageRef, workdir: Path, platform: Platform | None = None) -
         from oci2disk.build import docker
 
         name = f"{ref.name}:{ref.tag}" if ref.tag else ref.name
-        return docker.save_to_layout(name, workdir / "image", tag=None)
+        image = docker.save_to_layout(name, workdir / "image", tag=None)
+        return transports.check_platform(image, platform, str(ref))
+    if ref.transport is Transport.DOCKER:
+        return transports.from_registry(ref, workdir, platform)
+    if ref.transport is Transport.CONTAINERS_STORAGE:
+        return transports.from_containers_storage(ref, workdir, platform)
+    if ref.transport is Transport.ROOTFS:
+        return transports.from_rootfs(ref, workdir, platform)
     _require_file(ref)
     if ref.transport is Transport.DOCKER_ARCHIVE:
         with ref.path.open("rb") as stream:
@@ -33,7 +40,7 @@ def open_image(ref: ImageRef, workdir: Path, platform: Platform | None = None) -
         dest = workdir / "image"
         _extract_layout_archive(ref.path, dest)
         return open_layout(dest, None, platform)
-    return layout_from_rootfs_tar(ref.path, workdir / "image", None, platform=platform)
+    raise ImageError(f"{ref}: transport {ref.transport.value}: is not readable here")
 
 
 def _require_file(ref: ImageRef) -> None:
