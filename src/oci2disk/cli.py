@@ -19,12 +19,17 @@ from oci2disk import __version__
 from oci2disk.errors import Oci2DiskError, RecipeError, UsageError
 from oci2disk.progress import SILENT, Progress, stderr_progress
 from oci2disk.recipe import (
+    ArchiveCompression,
     Compression,
     DiskSpec,
     Format,
     FstabMode,
     FsType,
+    InitramfsSpec,
+    KernelSpec,
     Table,
+    TarSpec,
+    check_level,
     parse_size,
 )
 
@@ -74,22 +79,38 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--format", type=_formats, help="outputs, e.g. raw,qcow2 (default: the recipe's)"
     )
-    b.add_argument("--builder", choices=["docker"], default="docker")
+    b.add_argument(
+        "--builder",
+        choices=["auto", "docker", "buildah"],
+        default="auto",
+        help="auto (default): the Docker Engine when one answers, else buildah",
+    )
+    b.add_argument("--platform", help="OS/ARCH to build for, e.g. linux/arm64 (qemu-user)")
     b.add_argument("--build-arg", type=_build_arg, action="append", default=[], metavar="K=V")
+    b.add_argument("--jobs", type=int, help="outputs written at once (default: one per core)")
 
     c = sub.add_parser("convert", help="convert an existing image")
     c.add_argument(
-        "source", metavar="SOURCE", help="e.g. docker-daemon:debian:bookworm, oci:DIR:TAG"
+        "source",
+        metavar="SOURCE",
+        help="docker-daemon:NAME[:TAG], oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE, "
+        "containers-storage:NAME[:TAG], docker://REGISTRY/NAME[:TAG], rootfs:FILE[:CONFIG]",
     )
     c.add_argument("-f", "--format", type=_format, required=True)
     c.add_argument("-o", "--output", type=Path, required=True)
     _disk_options(c)
+    _archive_options(c)
     c.add_argument("--platform", help="OS/ARCH for multi-platform images")
+    c.add_argument("--jobs", type=int, help="converters run at once (default: one per core)")
 
     s = sub.add_parser("bootstrap", help="make a Debian base image from a mirror (mmdebstrap)")
     s.add_argument("suite", metavar="SUITE", help="bookworm, trixie, ...")
     s.add_argument(
-        "--to", required=True, metavar="DEST", help="docker-daemon:NAME:TAG or oci:DIR:TAG"
+        "--to",
+        required=True,
+        metavar="DEST",
+        help="docker-daemon:NAME:TAG, oci:DIR:TAG, docker://REGISTRY/NAME:TAG "
+        "or containers-storage:NAME:TAG",
     )
     s.add_argument("--mirror", default=None)
     s.add_argument("--variant", default="minbase")
@@ -113,6 +134,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--log", type=Path, help="serial log file (default: ARTIFACT.boot.log)")
     t.add_argument("--memory", type=int, default=1024, help="MiB")
     return p
+
+
+def _archive_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cgz, tar and kernel outputs")
+    g.add_argument("--init", help="cgz: make /init a symlink to this init, e.g. /sbin/init")
+    choices = [c.value for c in ArchiveCompression]
+    g.add_argument("--cpio-compression", choices=choices, default="gzip", help="cgz compression")
+    g.add_argument("--tar-compression", choices=choices, default="none", help="tar compression")
+    g.add_argument("--level", type=int, help="compression level of the cgz or tar output")
+    g.add_argument("--kernel-version", help="kernel: this version instead of the newest")
+    g.add_argument("--vmlinux", action="store_true", help="kernel: also write an ELF vmlinux")
 
 
 def _disk_options(p: argparse.ArgumentParser) -> None:
@@ -178,8 +210,10 @@ def cmd_build(args: argparse.Namespace, progress: Progress) -> int:
         formats=args.format,
         build_args=dict(args.build_arg),
         builder=args.builder,
+        platform=args.platform,
         progress=progress,
         on_build_line=show,
+        jobs=args.jobs,
     )
     _emit(args, result.manifest, progress)
     progress.message(f"manifest: {result.manifest_path}")
@@ -199,7 +233,24 @@ def cmd_convert(args: argparse.Namespace, progress: Progress) -> int:
         uuid=args.uuid,
         fstab=FstabMode(args.fstab),
     )
-    options = ConvertOptions(disk, Compression(args.compression), source_date_epoch())
+    cpio = ArchiveCompression(args.cpio_compression)
+    tar = ArchiveCompression(args.tar_compression)
+    level_of = {Format.CGZ: cpio, Format.TAR: tar}
+    if args.level is not None:
+        if args.format not in level_of:
+            raise UsageError("--level applies to the cgz and tar formats only")
+        problem = check_level(level_of[args.format], args.level)
+        if problem:
+            raise UsageError(f"--level {args.level}: expected {problem}")
+    options = ConvertOptions(
+        disk,
+        Compression(args.compression),
+        source_date_epoch(),
+        initramfs=InitramfsSpec(args.init, cpio, args.level if args.format is Format.CGZ else None),
+        tar=TarSpec(tar, args.level if args.format is Format.TAR else None),
+        kernel=KernelSpec(args.kernel_version, args.vmlinux),
+        jobs=args.jobs,
+    )
     platform = Platform.parse(args.platform) if args.platform else None
     result = convert_ref(
         args.source, args.format, args.output, options, platform=platform, progress=progress

@@ -11,16 +11,17 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from oci2disk import convert as conv
 from oci2disk import manifest, recipe
-from oci2disk.errors import BootError, ConvertError, Oci2DiskError, VerifyError
+from oci2disk.errors import BootError, BuildError, ConvertError, UsageError, VerifyError
 from oci2disk.flatten import FlatRootfs, flatten
 from oci2disk.oci.layout import OciImage, Platform
 from oci2disk.oci.source import open_image
+from oci2disk.oci.transports import check_platform
 from oci2disk.progress import SILENT, Progress
 from oci2disk.recipe import Format, Recipe
 from oci2disk.refs import ImageRef, parse_ref
@@ -70,7 +71,10 @@ def convert_image(
     for path in outputs.values():
         _check_output_dir(path)
     with flattened(image, ws, progress) as rootfs:
-        return conv.convert(image, rootfs, outputs, options, ws, progress)
+        result = conv.convert(image, rootfs, outputs, options, ws, progress)
+    for warning in result.warnings:
+        progress.message(f"warning: {warning}")
+    return result
 
 
 def _check_output_dir(path: Path) -> None:
@@ -91,6 +95,13 @@ def options_json(options: conv.ConvertOptions) -> dict[str, Any]:
         "fstab": d.fstab.value,
         "compression": options.compression.value,
         "source_date_epoch": options.source_date_epoch,
+        "initramfs": {
+            "init": options.initramfs.init,
+            "compression": options.initramfs.compression.value,
+            "level": options.initramfs.level,
+        },
+        "tar": {"compression": options.tar.compression.value, "level": options.tar.level},
+        "kernel": {"version": options.kernel.version, "vmlinux": options.kernel.vmlinux},
     }
 
 
@@ -125,26 +136,30 @@ def build_recipe(
     outdir: Path | None = None,
     formats: tuple[Format, ...] | None = None,
     build_args: dict[str, str] | None = None,
-    builder: str = "docker",
+    builder: str = "auto",
+    platform: str | None = None,
     progress: Progress = SILENT,
     on_build_line: Callable[[str], None] | None = None,
+    jobs: int | None = None,
 ) -> RunResult:
-    """``oci2disk build``: build the recipe's image, then write every output it names."""
+    """``oci2disk build``: build the recipe's image, then write every output it names.
+
+    ``builder`` is "docker", "buildah" or "auto" (the Docker Engine when one answers,
+    else buildah); ``platform`` (OS/ARCH) overrides the recipe's build.platform.
+    """
     rcp = recipe.load(recipe_dir)
     if build_args:
-        from dataclasses import replace
-
         rcp = replace(rcp, build=replace(rcp.build, args={**rcp.build.args, **build_args}))
+    if platform:
+        rcp = replace(rcp, build=replace(rcp.build, platform=str(Platform.parse(platform))))
     outdir = (outdir or Path("out") / rcp.name).absolute()
     outdir.mkdir(parents=True, exist_ok=True)
     wanted = formats or rcp.outputs.formats
     conv.preflight(wanted)
-    options = conv.ConvertOptions(
-        disk=rcp.disk, compression=rcp.outputs.compression, source_date_epoch=source_date_epoch()
-    )
+    options = replace(conv.ConvertOptions.from_recipe(rcp, source_date_epoch()), jobs=jobs)
     with Workspace() as ws:
         image, source = build_image(rcp, builder, ws, progress, on_build_line)
-        outputs = conv.default_outputs(outdir, rcp.outputs.name, wanted)
+        outputs = conv.default_outputs(outdir, rcp.outputs.name, wanted, options)
         result = convert_image(image, outputs, options, ws, progress)
     data = manifest.build_manifest(
         source=source,
@@ -169,16 +184,46 @@ def build_image(
         ref = parse_ref(rcp.build.image)
         with progress.step(f"opening {ref}"):
             return open_image(ref, ws.path, platform), str(ref)
-    if builder != "docker":
-        raise Oci2DiskError(f"builder {builder!r} is not available", hint="use --builder docker")
+    tag = f"oci2disk-recipe/{_tag_name(rcp.name)}:latest"
+    if select_builder(builder) == "buildah":
+        from oci2disk.build import buildah
+
+        with progress.step(f"buildah build {rcp.path.name} -> {tag}"):
+            image_id = buildah.build(rcp.build, tag, on_line=on_line)
+        with progress.step("copying the image out of containers-storage as an OCI layout"):
+            image = buildah.export(image_id, ws.path / "image")
+        source = f"containers-storage:localhost/{tag}"
+        return check_platform(image, platform, source), source
     from oci2disk.build import docker
 
-    tag = f"oci2disk-recipe/{_tag_name(rcp.name)}:latest"
     with progress.step(f"docker build {rcp.path.name} -> {tag}"):
         docker.build(rcp.build, tag, on_line=on_line)
     with progress.step("exporting the image as an OCI layout"):
         image = docker.save_to_layout(tag, ws.path / "image")
-    return image, f"docker-daemon:{tag}"
+    return check_platform(image, platform, f"docker-daemon:{tag}"), f"docker-daemon:{tag}"
+
+
+BUILDERS = ("auto", "docker", "buildah")
+
+
+def select_builder(builder: str) -> str:
+    """Resolve ``builder``: "auto" is "docker" when an engine answers, else "buildah"."""
+    from oci2disk.build import buildah, docker
+
+    if builder not in BUILDERS:
+        raise UsageError(f"unknown builder {builder!r}", hint=f"use one of: {', '.join(BUILDERS)}")
+    if builder != "auto":
+        return builder
+    if docker.engine_available():
+        return "docker"
+    if buildah.available():
+        log.info("no Docker Engine answers; building with buildah")
+        return "buildah"
+    raise BuildError(
+        "no image builder: no Docker Engine answers and buildah is not installed",
+        hint="start the Docker Engine (dockerd, or check DOCKER_HOST), "
+        "or install buildah (Debian package buildah) for daemonless builds",
+    )
 
 
 def _tag_name(name: str) -> str:
@@ -208,44 +253,72 @@ def verify_artifact(
     platform: Platform | None = None,
     progress: Progress = SILENT,
 ) -> VerifyReport:
-    """``oci2disk verify``: the ext filesystem in ``artifact`` against the flattened source."""
-    from oci2disk import extfs, verify
+    """``oci2disk verify``: what ``artifact`` holds against the flattened source.
 
-    if not artifact.is_file():
-        raise VerifyError(f"{artifact}: no such file")
+    The artifact may be a disk or filesystem image (its ext filesystem is read without
+    mounting and checked with e2fsck), a cgz or other cpio, a rootfs tar, or a directory.
+    """
+    from oci2disk import verify
+
+    if not artifact.exists():
+        raise VerifyError(f"{artifact}: no such file or directory")
     known = manifest.find_for_artifact(artifact)
-    ignored = ("lost+found", *(known.generated if known else ()), *ignore)
+    ignored = (*(known.generated if known else ()), *ignore)
+    kind = artifact_kind(artifact)
+    if kind == "disk":
+        ignored = ("lost+found", *ignored)
     ref: ImageRef = parse_ref(source)
     with Workspace() as ws:
-        raw = artifact
-        if _qemu_format(artifact) not in ("raw", None):
-            raw = ws.path / "artifact.raw"
-            with progress.step(f"reading {artifact.name} with qemu-img"):
-                from oci2disk import run
-
-                run.run(["qemu-img", "convert", "-O", "raw", str(artifact), str(raw)])
         with progress.step(f"opening {ref}"):
             image = open_image(ref, ws.path, platform)
-        with flattened(image, ws, progress) as rootfs, extfs.open_filesystem(raw, partition) as fs:
-            with progress.step("e2fsck -fn"):
-                verify.fsck(raw, fs.offset)
-            with progress.step("comparing every path"):
-                expected = list(_records_from_rootfs(rootfs, verify.records_from_tar))
-                actual = list(verify.records_from_extfs(fs))
-                diffs = verify.compare(expected, actual, ignore=ignored)
+        with flattened(image, ws, progress) as rootfs:
+            expected = list(_records_from_rootfs(rootfs, verify.records_from_tar))
+        with progress.step(f"reading the {kind}"):
+            actual = _artifact_records(kind, artifact, partition, ws, progress)
+        if kind == "cpio":  # newc has no field for xattrs
+            expected = [replace(r, xattrs=()) for r in expected]
+        with progress.step("comparing every path"):
+            diffs = verify.compare(expected, actual, ignore=ignored)
     return VerifyReport(tuple(diffs), ignored, len(expected))
 
 
-def _qemu_format(path: Path) -> str | None:
-    with path.open("rb") as f:
-        magic = f.read(8)
-    if magic.startswith(b"QFI\xfb"):
-        return "qcow2"
-    if magic.startswith(b"KDMV") or magic.startswith(b"conectix") or magic.startswith(b"vhdxfile"):
-        return "other"
-    if magic.startswith(b"<<< "):
-        return "vdi"
-    return None
+def artifact_kind(path: Path) -> str:
+    """ "dir", "cpio", "tar" or "disk" (any image qemu-img reads), by content."""
+    from oci2disk.convert import compress
+
+    if path.is_dir():
+        return "dir"
+    with compress.open_decompressed(path) as stream:
+        head = stream.read(512)
+    if head.startswith((b"070701", b"070702")):
+        return "cpio"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return "disk"
+
+
+def _artifact_records(
+    kind: str, artifact: Path, partition: int | None, ws: Workspace, progress: Progress
+) -> list[Any]:
+    from oci2disk import extfs, verify
+    from oci2disk.convert import compress, cpio, directory, qemu
+
+    if kind == "dir":
+        return list(directory.records_from_directory(artifact))
+    if kind == "cpio":
+        return cpio.read_records(artifact)
+    if kind == "tar":
+        with compress.open_decompressed(artifact) as stream:
+            return list(verify.records_from_tar(stream))
+    raw = artifact
+    if qemu.image_format(artifact) != "raw":
+        raw = ws.path / "artifact.raw"
+        with progress.step(f"reading {artifact.name} with qemu-img"):
+            qemu.convert_to_raw(artifact, raw)
+    with extfs.open_filesystem(raw, partition) as fs:
+        with progress.step("e2fsck -fn"):
+            verify.fsck(raw, fs.offset)
+        return list(verify.records_from_extfs(fs))
 
 
 def _records_from_rootfs(
@@ -302,15 +375,19 @@ def boot_artifact(
             initrd = initrd or found_initrd
         else:
             root = f"UUID={_filesystem_uuid(artifact, ws)}"
+        arch = boot.kernel_arch(kernel)  # an arm64 image boots under qemu-system-aarch64
         spec = boot.BootSpec(
             disk=artifact,
             kernel=kernel,
             initrd=initrd,
-            append=boot.kernel_cmdline(root, append),
+            append=boot.kernel_cmdline(root, append, arch=arch),
             disk_format=boot.image_format(artifact),
             memory_mb=memory_mb,
+            arch=arch,
         )
-        accel = "KVM" if boot.kvm_usable() else "TCG (no working KVM)"
+        accel = "TCG (a foreign architecture)"
+        if arch == boot.arch_name(os.uname().machine):
+            accel = "KVM" if boot.kvm_usable() else "TCG (no working KVM)"
         with progress.step(f"booting under QEMU, {accel}; waiting for {expect!r}"):
             return boot.boot(
                 spec,
@@ -322,14 +399,15 @@ def boot_artifact(
 
 
 def _filesystem_uuid(artifact: Path, ws: Workspace) -> str:
-    from oci2disk import extfs, run
+    from oci2disk import extfs
+    from oci2disk.convert import qemu
 
     known = manifest.find_for_artifact(artifact)
     if known is not None and known.filesystem_uuid:
         return known.filesystem_uuid
     raw = artifact
-    if _qemu_format(artifact) not in ("raw", None):
+    if qemu.image_format(artifact) != "raw":
         raw = ws.path / "disk.raw"
-        run.run(["qemu-img", "convert", "-O", "raw", str(artifact), str(raw)])
+        qemu.convert_to_raw(artifact, raw)
     with extfs.open_filesystem(raw) as fs:
         return fs.uuid
