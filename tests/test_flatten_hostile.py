@@ -353,7 +353,7 @@ class _HashingWriter:
 
 
 BOMB_FLATTEN = """
-    import json, resource, sys, time
+    import json, sys, time
     from pathlib import Path
     from oci2disk.flatten import flatten
     from oci2disk.oci.layout import open_layout
@@ -377,7 +377,10 @@ BOMB_FLATTEN = """
         "tar_bytes": out.size,
         "index_seconds": round(indexed - start, 1),
         "total_seconds": round(time.monotonic() - start, 1),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child forked
+        # from a large pytest process would report the parent's size.
+        "peak_rss_mib": int(next(line.split()[1] for line in open("/proc/self/status")
+                                 if line.startswith("VmHWM:"))) // 1024,
     }))
 """
 
