@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import stat
 import struct
 import uuid
 import zlib
@@ -31,6 +30,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from oci2disk.errors import VerifyError
+from oci2disk.filetypes import kind_of
 from oci2disk.runs import RunReader
 
 log = logging.getLogger("oci2disk.extfs")
@@ -119,16 +119,6 @@ FL_HUGE_FILE = 0x40000
 FL_EXTENTS = 0x80000
 FL_EA_INODE = 0x200000
 FL_INLINE_DATA = 0x10000000
-
-KIND_BY_FORMAT = {
-    stat.S_IFREG: "file",
-    stat.S_IFDIR: "dir",
-    stat.S_IFLNK: "symlink",
-    stat.S_IFCHR: "char",
-    stat.S_IFBLK: "block",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-}
 
 XATTR_PREFIXES = {
     0: "",
@@ -241,7 +231,7 @@ class _Inode:
 
     @property
     def kind(self) -> str:
-        return KIND_BY_FORMAT.get(stat.S_IFMT(self.mode), "unknown")
+        return kind_of(self.mode) or "unknown"
 
     @property
     def i_block(self) -> bytes:

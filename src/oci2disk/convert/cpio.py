@@ -30,6 +30,7 @@ from typing import BinaryIO
 from oci2disk.convert import compress
 from oci2disk.convert.kernel import follow
 from oci2disk.errors import ConvertError, VerifyError
+from oci2disk.filetypes import kind_of
 from oci2disk.flatten import Entry, FlatRootfs, Kind
 from oci2disk.recipe import InitramfsSpec
 from oci2disk.verify import Record
@@ -384,17 +385,7 @@ def _normalize(name: str) -> str:
 
 
 def _kind(mode: int, path: str) -> str:
-    fmt = stat.S_IFMT(mode)
-    kinds = {
-        stat.S_IFREG: "file",
-        stat.S_IFDIR: "dir",
-        stat.S_IFLNK: "symlink",
-        stat.S_IFCHR: "char",
-        stat.S_IFBLK: "block",
-        stat.S_IFIFO: "fifo",
-        stat.S_IFSOCK: "socket",
-    }
-    kind = kinds.get(fmt)
+    kind = kind_of(mode)
     if kind is None:
         raise VerifyError(f"cpio entry {path!r} has an unknown file type (mode {mode:o})")
     return kind

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oci2disk.errors import ConvertError
+from oci2disk.filetypes import kind_of
 from oci2disk.flatten import Entry, FlatRootfs, Kind
 from oci2disk.verify import Record
 
@@ -289,17 +290,7 @@ def records_from_directory(root: Path) -> Iterator[Record]:
 
 
 def _record_kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISREG, "file"),
-        (stat.S_ISDIR, "dir"),
-        (stat.S_ISLNK, "symlink"),
-        (stat.S_ISCHR, "char"),
-        (stat.S_ISBLK, "block"),
-        (stat.S_ISFIFO, "fifo"),
-    ):
-        if test(mode):
-            return kind
-    return "socket"
+    return kind_of(mode) or "socket"  # lstat results always have a known type
 
 
 def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
