@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import json
 import logging
 import os
 import platform
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import IO
 
 from oci2disk import run
+from oci2disk.convert import qemu
 from oci2disk.errors import BootError, Oci2DiskError
 
 log = logging.getLogger("oci2disk.boot")
@@ -438,33 +438,16 @@ def kernel_from_disk(disk: Path, workdir: Path) -> tuple[Path, Path | None, str]
     if not disk.is_file():
         raise BootError(f"disk image {os.fspath(disk)} does not exist")
     workdir.mkdir(parents=True, exist_ok=True)
-    fmt = image_format(disk)
+    fmt = qemu.image_format(disk)
     if fmt == "raw":
         return _kernel_from_raw(disk, workdir)
     raw = workdir / "oci2disk-boot-disk.raw"
     log.info("converting %s (%s) to raw to read its /boot", disk, fmt)
     try:
-        run.run(
-            ["qemu-img", "convert", "-f", fmt, "-O", "raw", os.fspath(disk),
-             os.fspath(raw)],
-            what=f"converting {os.fspath(disk)} to raw",
-        )  # fmt: skip
+        qemu.convert_to_raw(disk, raw)
         return _kernel_from_raw(raw, workdir)
     finally:
         raw.unlink(missing_ok=True)
-
-
-def image_format(disk: Path) -> str:
-    """The format ``qemu-img`` sees in ``disk`` ("raw", "qcow2" ...), for BootSpec."""
-    proc = run.run(
-        ["qemu-img", "info", "--output=json", os.fspath(disk)],
-        what=f"reading the format of {os.fspath(disk)}",
-    )
-    info = json.loads(proc.stdout)
-    fmt = info.get("format") if isinstance(info, dict) else None
-    if not isinstance(fmt, str):
-        raise BootError(f"qemu-img could not tell the format of {os.fspath(disk)}")
-    return fmt
 
 
 def _kernel_from_raw(raw: Path, workdir: Path) -> tuple[Path, Path | None, str]:

@@ -364,6 +364,7 @@ def boot_artifact(
 ) -> Any:
     """``oci2disk boot``: boot the disk under QEMU with the kernel from its own /boot."""
     from oci2disk import boot
+    from oci2disk.convert import qemu
 
     if not artifact.is_file():
         raise BootError(f"{artifact}: no such disk image")
@@ -381,7 +382,7 @@ def boot_artifact(
             kernel=kernel,
             initrd=initrd,
             append=boot.kernel_cmdline(root, append, arch=arch),
-            disk_format=boot.image_format(artifact),
+            disk_format=qemu.image_format(artifact),
             memory_mb=memory_mb,
             arch=arch,
         )
