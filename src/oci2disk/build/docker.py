@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -44,8 +45,6 @@ def client() -> Any:
 
 
 def _base_url() -> str:
-    import os
-
     return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 
 
