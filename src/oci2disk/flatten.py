@@ -51,6 +51,7 @@ from oci2disk.oci.layout import (
     open_verified_blob,
 )
 from oci2disk.runs import RunReader
+from oci2disk.sink import BatchingWriter
 
 if TYPE_CHECKING:
     pass
@@ -885,32 +886,11 @@ class FlatRootfs:
         sink.pad(node.size)
 
 
-class _Sink:
-    """Batches small writes (headers, small files) into 1 MiB writes."""
+class _Sink(BatchingWriter):
+    """The tar stream: 512-byte blocks, closed by the end-of-archive marker."""
 
     def __init__(self, out: BinaryIO) -> None:
-        self.out = out
-        self.buf = bytearray()
-        self.written = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.written += len(data)
-        if len(data) >= CHUNK // 4:
-            self.flush()
-            self.out.write(data)
-            return
-        self.buf += data
-        if len(self.buf) >= CHUNK:
-            self.flush()
-
-    def pad(self, size: int) -> None:
-        if size % BLOCK:
-            self.write(bytes(BLOCK - size % BLOCK))
-
-    def flush(self) -> None:
-        if self.buf:
-            self.out.write(bytes(self.buf))  # a copy: the sink may keep what it is given
-            self.buf.clear()
+        super().__init__(out, BLOCK)
 
     def finish(self) -> None:
         self.write(bytes(2 * BLOCK))  # end-of-archive marker

@@ -33,6 +33,7 @@ from oci2disk.errors import ConvertError, VerifyError
 from oci2disk.filetypes import kind_of
 from oci2disk.flatten import Entry, FlatRootfs, Kind
 from oci2disk.recipe import InitramfsSpec
+from oci2disk.sink import BatchingWriter
 from oci2disk.verify import Record
 
 log = logging.getLogger("oci2disk.cpio")
@@ -158,32 +159,6 @@ def write_cgz(
     return stats
 
 
-class _Writer:
-    """Batches headers and small files into 1 MiB writes."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out = out
-        self.buf = bytearray()
-
-    def write(self, data: bytes) -> None:
-        if len(data) >= CHUNK // 4:
-            self.flush()
-            self.out.write(data)
-            return
-        self.buf += data
-        if len(self.buf) >= CHUNK:
-            self.flush()
-
-    def pad(self, length: int) -> None:
-        if length % 4:
-            self.write(bytes(4 - length % 4))
-
-    def flush(self) -> None:
-        if self.buf:
-            self.out.write(bytes(self.buf))
-            self.buf.clear()
-
-
 def write_cpio(rootfs: FlatRootfs, out: BinaryIO, *, extra: Sequence[Entry] = ()) -> CpioStats:
     """Write the uncompressed newc archive: every entry in canonical order, then ``extra``.
 
@@ -197,7 +172,7 @@ def write_cpio(rootfs: FlatRootfs, out: BinaryIO, *, extra: Sequence[Entry] = ()
                 raise ConvertError(f"cannot replace /{entry.path}: it is a hard link")
             links[entry.linkname].append(entry.path)
     carrier = {names[-1]: leader for leader, names in links.items()}  # the name holding data
-    writer = _Writer(out)
+    writer = BatchingWriter(out, 4)
     inodes: dict[str, int] = {}
     count = data_bytes = dropped = 0
     for entry in [*(e for e in rootfs.entries() if e.path not in replaced), *extra]:
@@ -251,7 +226,7 @@ def write_cpio(rootfs: FlatRootfs, out: BinaryIO, *, extra: Sequence[Entry] = ()
 
 
 def _header(
-    writer: _Writer,
+    writer: BatchingWriter,
     path: str,
     ino: int,
     mode: int,
@@ -276,7 +251,7 @@ def _file_size(rootfs: FlatRootfs, path: str) -> int:
     return entry.size
 
 
-def _copy(rootfs: FlatRootfs, path: str, size: int, writer: _Writer) -> None:
+def _copy(rootfs: FlatRootfs, path: str, size: int, writer: BatchingWriter) -> None:
     copied = 0
     with rootfs.open(path) as f:
         while chunk := f.read(min(CHUNK, size - copied)):
