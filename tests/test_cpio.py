@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import gzip
-import io
 import logging
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from layerkit import Member, device, directory, fifo, file, hardlink, make_image, symlink
-from oci2disk.convert import ConvertOptions, ConvertResult, convert, default_outputs
+from layerkit import Member, device, directory, fifo, file, hardlink, symlink
+from oci2disk.convert import ConvertOptions, convert, default_outputs
 from oci2disk.convert.cpio import read_records
 from oci2disk.convert.directory import records_from_directory
 from oci2disk.errors import ConvertError, RecipeError
 from oci2disk.flatten import flatten
-from oci2disk.oci.layout import OciImage
 from oci2disk.recipe import ArchiveCompression, Format, InitramfsSpec, KernelSpec, load
 from oci2disk.verify import Record, compare, records_from_tar
 from oci2disk.workspace import Workspace
+from outputkit import convert_to, image_of, image_records
 
 ROOT = Path(__file__).resolve().parent.parent
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00" + bytes(12)
@@ -52,25 +51,6 @@ SAMPLE: list[Member] = [
 ]
 
 
-def image_of(path: Path, members: Sequence[Member]) -> OciImage:
-    return make_image(path / "layout", [members])
-
-
-def convert_to(
-    image: OciImage, outputs: dict[Format, Path], options: ConvertOptions = INIT
-) -> ConvertResult:
-    with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
-        return convert(image, rootfs, outputs, options, ws)
-
-
-def image_records(image: OciImage) -> list[Record]:
-    with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
-        buf = io.BytesIO()
-        rootfs.write_tar(buf)
-    buf.seek(0)
-    return list(records_from_tar(buf))
-
-
 def without_xattrs(records: list[Record]) -> list[Record]:
     return [replace(r, xattrs=()) for r in records]
 
@@ -93,7 +73,7 @@ def newc_headers(data: bytes) -> Iterator[tuple[str, int, int, int, int]]:
 def test_cgz_holds_every_entry_of_the_image(tmp_path: Path) -> None:
     image = image_of(tmp_path, SAMPLE)
     out = tmp_path / "initramfs.cgz"
-    result = convert_to(image, {Format.CGZ: out})
+    result = convert_to(image, {Format.CGZ: out}, INIT)
     assert [a.path for a in result.artifacts] == [out]
     assert result.generated == ("init", "dev/console")
     assert out.read_bytes()[:2] == b"\x1f\x8b"  # gzip
@@ -110,7 +90,7 @@ def test_cgz_holds_every_entry_of_the_image(tmp_path: Path) -> None:
 def test_gnu_cpio_lists_and_extracts_it_with_hard_links_and_owners(tmp_path: Path) -> None:
     image = image_of(tmp_path, SAMPLE)
     out = tmp_path / "initramfs.cgz"
-    convert_to(image, {Format.CGZ: out})
+    convert_to(image, {Format.CGZ: out}, INIT)
     archive = gzip.decompress(out.read_bytes())
     listing = subprocess.run(
         ["cpio", "-it", "--quiet"], input=archive, capture_output=True, check=True
@@ -176,7 +156,7 @@ def test_an_image_with_its_own_init_needs_no_option(tmp_path: Path) -> None:
     assert compare(without_xattrs(image_records(image)), read_records(out)) == []
     # asking for a symlink as well would silently hide the image's own /init
     with pytest.raises(ConvertError, match="has its own /init"):
-        convert_to(image, {Format.CGZ: out})
+        convert_to(image, {Format.CGZ: out}, INIT)
 
 
 def test_a_placeholder_console_is_replaced_by_the_device(tmp_path: Path) -> None:
@@ -220,7 +200,7 @@ def test_xattrs_newc_cannot_hold_are_counted_in_the_log(
 ) -> None:
     image = image_of(tmp_path, SAMPLE)
     with caplog.at_level(logging.WARNING, logger="oci2disk"):
-        convert_to(image, {Format.CGZ: tmp_path / "i.cgz"})
+        convert_to(image, {Format.CGZ: tmp_path / "i.cgz"}, INIT)
     assert "dropped those of 1 path(s)" in caplog.text
     assert "added it to the cpio (char 5:1)" in caplog.text
 
@@ -262,8 +242,8 @@ def test_every_compression_is_read_by_its_own_tool(
 def test_same_image_gives_the_same_bytes(tmp_path: Path) -> None:
     image = image_of(tmp_path, SAMPLE)
     first, second = tmp_path / "a.cgz", tmp_path / "b.cgz"
-    convert_to(image, {Format.CGZ: first})
-    convert_to(image, {Format.CGZ: second})
+    convert_to(image, {Format.CGZ: first}, INIT)
+    convert_to(image, {Format.CGZ: second}, INIT)
     assert first.read_bytes() == second.read_bytes()
 
 

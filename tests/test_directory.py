@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import cast
@@ -13,14 +13,14 @@ import pytest
 
 from clikit import oci2disk
 from layerkit import Member, device, directory, fifo, file, hardlink, make_image, symlink
-from oci2disk.convert import ConvertOptions, ConvertResult, convert
+from oci2disk.convert import ConvertOptions, convert
 from oci2disk.convert.directory import extract, records_from_directory
 from oci2disk.errors import ConvertError
 from oci2disk.flatten import Entry, FlatRootfs, Kind, flatten
-from oci2disk.oci.layout import OciImage
 from oci2disk.recipe import Format
-from oci2disk.verify import Record, compare, records_from_tar
+from oci2disk.verify import compare, records_from_tar
 from oci2disk.workspace import Workspace
+from outputkit import convert_to, image_of, image_records
 
 NOBODY = 65534
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
@@ -52,27 +52,6 @@ SAMPLE: list[Member] = [
     fifo("run/initctl", mode=0o600),
     file("empty"),
 ]
-
-
-def image_of(path: Path, members: Sequence[Member]) -> OciImage:
-    return make_image(path / "layout", [members])
-
-
-def convert_to(
-    image: OciImage, outputs: dict[Format, Path], options: ConvertOptions | None = None
-) -> ConvertResult:
-    with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
-        return convert(image, rootfs, outputs, options or ConvertOptions(), ws)
-
-
-def image_records(image: OciImage) -> list[Record]:
-    import io
-
-    with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
-        buf = io.BytesIO()
-        rootfs.write_tar(buf)
-    buf.seek(0)
-    return list(records_from_tar(buf))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="exact owners and devices need root")

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from layerkit import Member, device, directory, file, hardlink, make_image, symlink
-from oci2disk.convert import ConvertOptions, ConvertResult, convert, default_outputs
+from layerkit import Member, device, directory, file, hardlink, symlink
+from oci2disk.convert import ConvertOptions, convert, default_outputs
 from oci2disk.convert.compress import open_decompressed
 from oci2disk.errors import RecipeError
 from oci2disk.flatten import flatten
-from oci2disk.oci.layout import OciImage
 from oci2disk.recipe import ArchiveCompression, Format, TarSpec, load
-from oci2disk.verify import Record, compare, records_from_tar
+from oci2disk.verify import compare, records_from_tar
 from oci2disk.workspace import Workspace
+from outputkit import convert_to, image_of, image_records
 
 SAMPLE: list[Member] = [
     directory("etc"),
@@ -40,25 +38,6 @@ DOCKER_ADDITIONS = (
     "etc/mtab",
     "dev/console",
 )
-
-
-def image_of(path: Path, members: Sequence[Member]) -> OciImage:
-    return make_image(path / "layout", [members])
-
-
-def convert_to(
-    image: OciImage, outputs: dict[Format, Path], options: ConvertOptions
-) -> ConvertResult:
-    with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
-        return convert(image, rootfs, outputs, options, ws)
-
-
-def image_records(image: OciImage) -> list[Record]:
-    with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
-        buf = io.BytesIO()
-        rootfs.write_tar(buf)
-    buf.seek(0)
-    return list(records_from_tar(buf))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,35 @@
+"""Convert hand-made images in-process, for the tests of the cgz, tar and dir outputs."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from layerkit import Member, make_image
+from oci2disk.convert import ConvertOptions, ConvertResult, convert
+from oci2disk.flatten import flatten
+from oci2disk.oci.layout import OciImage
+from oci2disk.recipe import Format
+from oci2disk.verify import Record, records_from_tar
+from oci2disk.workspace import Workspace
+
+
+def image_of(path: Path, members: Sequence[Member]) -> OciImage:
+    return make_image(path / "layout", [members])
+
+
+def convert_to(
+    image: OciImage, outputs: dict[Format, Path], options: ConvertOptions | None = None
+) -> ConvertResult:
+    with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
+        return convert(image, rootfs, outputs, options or ConvertOptions(), ws)
+
+
+def image_records(image: OciImage) -> list[Record]:
+    """The image's records as verify sees them: its canonical tar, read back."""
+    with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
+        buf = io.BytesIO()
+        rootfs.write_tar(buf)
+    buf.seek(0)
+    return list(records_from_tar(buf))
