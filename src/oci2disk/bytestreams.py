@@ -1,0 +1,168 @@
+"""Byte streams shared by every stage: runs of a file, batched archive writes, hashing.
+
+:class:`RunReader` reads a file made of runs: bytes at an offset of a descriptor, or
+zeros. Both a flattened rootfs file (its data sits in a layer tar; sparse holes are
+zeros) and a file inside an ext filesystem (its extents sit in the image; holes and
+uninitialized extents are zeros) are read through it. :class:`BatchingWriter` batches
+the small writes of the tar and cpio writers. :func:`sha256_file` hashes a file,
+skipping the holes of a sparse one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import hashlib
+import io
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+CHUNK = 1 << 20  # the unit of every streaming copy
+Run = tuple[int, int | None]  # (length, offset in the descriptor, or None for zeros)
+ZEROS = bytes(CHUNK)
+
+
+class RunReader(io.RawIOBase):
+    """Seekable reads over ``runs`` laid end to end; positioned reads, so the
+    descriptor's own offset is never moved and several readers may share it."""
+
+    def __init__(
+        self,
+        fd: int,
+        runs: Sequence[Run],
+        *,
+        close_fd: bool = False,
+        short_read: Callable[[int, int], Exception] | None = None,
+    ) -> None:
+        super().__init__()
+        self._fd = fd
+        self._runs = list(runs)
+        self._close_fd = close_fd
+        self._short_read = short_read  # (offset, length) -> the error to raise
+        self._starts: list[int] = []
+        total = 0
+        for length, _ in self._runs:
+            self._starts.append(total)
+            total += length
+        self._size = total
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        if base + pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._pos >= self._size or not len(view):
+            return 0
+        index = bisect.bisect_right(self._starts, self._pos) - 1
+        length, offset = self._runs[index]
+        skip = self._pos - self._starts[index]
+        want = min(len(view), length - skip)
+        if offset is None:
+            view[:want] = ZEROS[:want] if want <= len(ZEROS) else bytes(want)
+            got = want
+        else:
+            data = os.pread(self._fd, want, offset + skip)
+            got = len(data)
+            if got != want and self._short_read is not None:
+                raise self._short_read(offset + skip, want)
+            view[:got] = data
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed and self._close_fd:
+            os.close(self._fd)
+        super().close()
+
+class BatchingWriter:
+    """Batches small writes (headers, small files) into 1 MiB writes; large ones pass
+    straight through. ``pad`` zero-fills to the archive's alignment (512 for tar,
+    4 for newc cpio)."""
+
+    def __init__(self, out: BinaryIO, align: int) -> None:
+        self.out = out
+        self.align = align
+        self.buf = bytearray()
+        self.written = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.written += len(data)
+        if len(data) >= CHUNK // 4:
+            self.flush()
+            self.out.write(data)
+            return
+        self.buf += data
+        if len(self.buf) >= CHUNK:
+            self.flush()
+
+    def pad(self, length: int) -> None:
+        if length % self.align:
+            self.write(bytes(self.align - length % self.align))
+
+    def flush(self) -> None:
+        if self.buf:
+            self.out.write(bytes(self.buf))  # a copy: the sink may keep what it is given
+            self.buf.clear()
+
+
+def sha256_stream(stream: IO[bytes]) -> str:
+    """sha256 (hex) of everything left in ``stream``."""
+    digest = hashlib.sha256()
+    while chunk := stream.read(CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 (hex) of a file; holes of a sparse file are hashed from a zero buffer.
+
+    A raw disk is mostly holes (a 10 GiB image held 728 MiB of data); reading the
+    holes through the page cache took most of the time of a large build.
+    """
+    h = hashlib.sha256()
+    chunk = 1 << 22
+    zeros = memoryview(bytes(chunk))
+    with path.open("rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        position = 0
+        while position < size:
+            try:
+                data_at = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as exc:  # ENXIO: only a hole is left
+                if exc.errno != errno.ENXIO:
+                    raise
+                data_at = size
+            while position < data_at:  # a hole: zeros without reading
+                n = min(chunk, data_at - position)
+                h.update(zeros[:n])
+                position += n
+            if position >= size:
+                break
+            hole_at = os.lseek(fd, position, os.SEEK_HOLE)
+            while position < hole_at:
+                data = os.pread(fd, min(chunk, hole_at - position), position)
+                if not data:
+                    raise OSError(errno.EIO, f"{path} changed while it was being hashed")
+                h.update(data)
+                position += len(data)
+    return h.hexdigest()
