@@ -38,7 +38,7 @@ MB = 1_000_000
 FLATTEN = """
 import os, sys
 from pathlib import Path
-from oci2disk.flatten import flatten
+from oci2disk.rootfs.flatten import flatten
 from oci2disk.oci.layout import open_layout
 with flatten(open_layout(Path(sys.argv[1]), None), Path(sys.argv[2])) as rootfs:
     with open(os.devnull, "wb") as out:
@@ -48,7 +48,7 @@ with flatten(open_layout(Path(sys.argv[1]), None), Path(sys.argv[2])) as rootfs:
 COUNT = """
 import sys
 from pathlib import Path
-from oci2disk.flatten import flatten
+from oci2disk.rootfs.flatten import flatten
 from oci2disk.oci.layout import open_layout
 
 class Count:

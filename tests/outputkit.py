@@ -8,7 +8,7 @@ from pathlib import Path
 
 from layerkit import Member, make_image
 from oci2disk.convert import ConvertOptions, ConvertResult, convert
-from oci2disk.flatten import flatten
+from oci2disk.rootfs.flatten import flatten
 from oci2disk.oci.layout import OciImage
 from oci2disk.recipe import Format
 from oci2disk.verify import Record, records_from_tar

@@ -17,7 +17,7 @@ from oci2disk.convert import ConvertOptions, convert, default_outputs
 from oci2disk.convert.cpio import read_records
 from oci2disk.convert.directory import records_from_directory
 from oci2disk.errors import ConvertError, RecipeError
-from oci2disk.flatten import flatten
+from oci2disk.rootfs.flatten import flatten
 from oci2disk.recipe import ArchiveCompression, Format, InitramfsSpec, KernelSpec, load
 from oci2disk.verify import Record, compare, records_from_tar
 from oci2disk.workspace import Workspace

@@ -16,8 +16,10 @@ from layerkit import Member, device, directory, fifo, file, hardlink, make_image
 from oci2disk.convert import ConvertOptions, convert
 from oci2disk.convert.directory import extract, records_from_directory
 from oci2disk.errors import ConvertError
-from oci2disk.flatten import Entry, FlatRootfs, Kind, flatten
 from oci2disk.recipe import Format
+from oci2disk.rootfs import Entry, Kind
+from oci2disk.rootfs.flat import FlatRootfs
+from oci2disk.rootfs.flatten import flatten
 from oci2disk.verify import compare, records_from_tar
 from oci2disk.workspace import Workspace
 from outputkit import convert_to, image_of, image_records
@@ -167,9 +169,9 @@ class _HostileRootfs:
         self.outside = outside
 
     def entries(self) -> Iterator[Entry]:
-        yield Entry(".", Kind.DIR, 0o755, 0, 0, 0, 0.0)
-        yield Entry("evil", Kind.SYMLINK, 0o777, 0, 0, 0, 0.0, os.fspath(self.outside))
-        yield Entry("evil/pwned", Kind.FILE, 0o644, 0, 0, 0, 0.0)
+        yield Entry(".", Kind.DIR, 0o755)
+        yield Entry("evil", Kind.SYMLINK, 0o777, linkname=os.fspath(self.outside))
+        yield Entry("evil/pwned", Kind.FILE, 0o644)
 
 
 def test_extraction_never_writes_through_a_symlink(tmp_path: Path) -> None:

@@ -15,11 +15,12 @@ import zstandard
 
 from layerkit import Member, directory, file, make_image, symlink
 from oci2disk.convert import ConvertOptions, ConvertResult, convert, default_outputs
-from oci2disk.convert.kernel import extract_vmlinux, version_key
+from oci2disk.convert.kernel import extract_vmlinux
 from oci2disk.errors import ConvertError, RecipeError
-from oci2disk.flatten import flatten
 from oci2disk.oci.layout import OciImage
 from oci2disk.recipe import Format, KernelSpec, load
+from oci2disk.rootfs.flatten import flatten
+from oci2disk.rootfs.kernels import version_key
 from oci2disk.workspace import Workspace
 
 # An ELF header (x86-64 executable) and a body that compresses well but is not all zeros.

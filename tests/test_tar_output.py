@@ -12,7 +12,7 @@ from layerkit import Member, device, directory, file, hardlink, symlink
 from oci2disk.convert import ConvertOptions, convert, default_outputs
 from oci2disk.convert.compress import open_decompressed
 from oci2disk.errors import RecipeError
-from oci2disk.flatten import flatten
+from oci2disk.rootfs.flatten import flatten
 from oci2disk.recipe import ArchiveCompression, Format, TarSpec, load
 from oci2disk.verify import compare, records_from_tar
 from oci2disk.workspace import Workspace

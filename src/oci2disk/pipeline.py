@@ -18,13 +18,14 @@ from typing import Any, BinaryIO
 from oci2disk import convert as conv
 from oci2disk import manifest, recipe
 from oci2disk.errors import BootError, BuildError, ConvertError, UsageError, VerifyError
-from oci2disk.flatten import FlatRootfs, flatten
 from oci2disk.oci.layout import OciImage, Platform
 from oci2disk.oci.source import open_image
 from oci2disk.oci.transports import check_platform
 from oci2disk.progress import SILENT, Progress
 from oci2disk.recipe import Format, Recipe
 from oci2disk.refs import ImageRef, parse_ref
+from oci2disk.rootfs.flat import FlatRootfs
+from oci2disk.rootfs.flatten import flatten
 from oci2disk.workspace import Workspace
 
 log = logging.getLogger("oci2disk")

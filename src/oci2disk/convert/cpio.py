@@ -18,23 +18,19 @@ Host tools: igzip (isal), pigz, xz (xz-utils), all optional (see compress.py).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import stat
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from oci2disk.bytestreams import CHUNK, BatchingWriter
 from oci2disk.convert import compress
-from oci2disk.convert.kernel import follow
-from oci2disk.errors import ConvertError, VerifyError
-from oci2disk.filetypes import kind_of
-from oci2disk.flatten import Entry, FlatRootfs, Kind
+from oci2disk.errors import ConvertError
 from oci2disk.recipe import InitramfsSpec
-from oci2disk.sink import BatchingWriter
-from oci2disk.verify import Record
+from oci2disk.rootfs import Entry, Kind, Tree, follow
+from oci2disk.rootfs.model import NS
 
 log = logging.getLogger("oci2disk.cpio")
 
@@ -43,20 +39,9 @@ NEWC_CRC = b"070702"
 HEADER = 110
 TRAILER = "TRAILER!!!"
 FIELD_MAX = 0xFFFFFFFF
-CHUNK = 1 << 20
 CONSOLE = (5, 1)
 # Where an image's init usually is; offered in the error when /init is missing.
 INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd", "/bin/sh")
-
-_TYPE_BITS = {
-    Kind.FILE: stat.S_IFREG,
-    Kind.HARDLINK: stat.S_IFREG,
-    Kind.DIR: stat.S_IFDIR,
-    Kind.SYMLINK: stat.S_IFLNK,
-    Kind.CHAR: stat.S_IFCHR,
-    Kind.BLOCK: stat.S_IFBLK,
-    Kind.FIFO: stat.S_IFIFO,
-}
 
 
 @dataclass(frozen=True)
@@ -67,7 +52,7 @@ class CpioStats:
     added: tuple[str, ...]  # paths oci2disk added (init, dev/console)
 
 
-def initramfs_additions(rootfs: FlatRootfs, spec: InitramfsSpec, mtime: int) -> list[Entry]:
+def initramfs_additions(rootfs: Tree, spec: InitramfsSpec, mtime: int) -> list[Entry]:
     """The entries to add so that the kernel can run /init with a console."""
     added: list[Entry] = []
     existing = rootfs.lookup("init")
@@ -80,7 +65,7 @@ def initramfs_additions(rootfs: FlatRootfs, spec: InitramfsSpec, mtime: int) -> 
                 "or remove /init from the image",
             )
         target = follow(rootfs, spec.init)
-        if target is None or target.kind not in (Kind.FILE, Kind.HARDLINK):
+        if target is None or target.kind is not Kind.FILE:
             raise ConvertError(
                 f"[initramfs] init is {spec.init}, which is not a file in the image",
                 hint=_init_hint(rootfs),
@@ -102,7 +87,7 @@ def initramfs_additions(rootfs: FlatRootfs, spec: InitramfsSpec, mtime: int) -> 
     if console is None:
         dev = rootfs.lookup("dev")
         if dev is None:
-            added.append(Entry("dev", Kind.DIR, 0o755, 0, 0, 0, float(mtime)))
+            added.append(Entry("dev", Kind.DIR, 0o755, mtime_ns=mtime * NS))
         elif dev.kind is not Kind.DIR:
             raise ConvertError("the image's /dev is not a directory, so it has no /dev/console")
         log.warning("the image has no /dev/console; added it to the cpio (char 5:1)")
@@ -116,11 +101,13 @@ def initramfs_additions(rootfs: FlatRootfs, spec: InitramfsSpec, mtime: int) -> 
             console.kind.value,
         )
     major, minor = CONSOLE
-    added.append(Entry("dev/console", Kind.CHAR, 0o600, 0, 0, 0, float(mtime), "", major, minor))
+    added.append(
+        Entry("dev/console", Kind.CHAR, 0o600, mtime_ns=mtime * NS, devmajor=major, devminor=minor)
+    )
     return added
 
 
-def _init_hint(rootfs: FlatRootfs) -> str:
+def _init_hint(rootfs: Tree) -> str:
     found = [path for path in INIT_CANDIDATES if _is_program(rootfs, path)]
     example = found[0] if found else "/sbin/init"
     where = f" (the image has {', '.join(found)})" if found else ""
@@ -130,18 +117,18 @@ def _init_hint(rootfs: FlatRootfs) -> str:
     )
 
 
-def _is_program(rootfs: FlatRootfs, path: str) -> bool:
+def _is_program(rootfs: Tree, path: str) -> bool:
     entry = follow(rootfs, path)
-    return entry is not None and entry.kind in (Kind.FILE, Kind.HARDLINK) and bool(entry.mode & 1)
+    return entry is not None and entry.kind is Kind.FILE and bool(entry.mode & 1)
 
 
 def _symlink(path: str, target: str, mtime: int) -> Entry:
     size = len(target.encode())
-    return Entry(path, Kind.SYMLINK, 0o777, 0, 0, size, float(mtime), target)
+    return Entry(path, Kind.SYMLINK, 0o777, size=size, mtime_ns=mtime * NS, linkname=target)
 
 
 def write_cgz(
-    rootfs: FlatRootfs,
+    rootfs: Tree,
     path: Path,
     spec: InitramfsSpec,
     *,
@@ -159,7 +146,7 @@ def write_cgz(
     return stats
 
 
-def write_cpio(rootfs: FlatRootfs, out: BinaryIO, *, extra: Sequence[Entry] = ()) -> CpioStats:
+def write_cpio(rootfs: Tree, out: BinaryIO, *, extra: Sequence[Entry] = ()) -> CpioStats:
     """Write the uncompressed newc archive: every entry in canonical order, then ``extra``.
 
     An entry of ``extra`` replaces the image's entry of the same path.
@@ -167,10 +154,10 @@ def write_cpio(rootfs: FlatRootfs, out: BinaryIO, *, extra: Sequence[Entry] = ()
     replaced = {e.path for e in extra}
     links: dict[str, list[str]] = defaultdict(list)  # leader -> its other names, in order
     for entry in rootfs.entries():
-        if entry.kind is Kind.HARDLINK:
-            if entry.path in replaced or entry.linkname in replaced:
+        if entry.hardlink_to:
+            if entry.path in replaced or entry.hardlink_to in replaced:
                 raise ConvertError(f"cannot replace /{entry.path}: it is a hard link")
-            links[entry.linkname].append(entry.path)
+            links[entry.hardlink_to].append(entry.path)
     carrier = {names[-1]: leader for leader, names in links.items()}  # the name holding data
     writer = BatchingWriter(out, 4)
     inodes: dict[str, int] = {}
@@ -178,17 +165,17 @@ def write_cpio(rootfs: FlatRootfs, out: BinaryIO, *, extra: Sequence[Entry] = ()
     for entry in [*(e for e in rootfs.entries() if e.path not in replaced), *extra]:
         count += 1
         dropped += bool(entry.xattrs)
-        leader = entry.linkname if entry.kind is Kind.HARDLINK else entry.path
+        leader = entry.hardlink_to or entry.path
         ino = inodes.setdefault(leader, len(inodes) + 1)
         nlink, size, data, source = 1, 0, b"", ""
-        if entry.kind in (Kind.FILE, Kind.HARDLINK):
+        if entry.kind is Kind.FILE:
             names = links.get(leader)
             if names is None:
                 size, source = entry.size, entry.path
             else:
                 nlink = len(names) + 1
                 if carrier.get(entry.path) == leader:
-                    size, source = _file_size(rootfs, leader), entry.path
+                    size, source = entry.size, entry.path
         elif entry.kind is Kind.SYMLINK:
             data = entry.linkname.encode("utf-8", "surrogateescape")
             size = len(data)
@@ -199,8 +186,8 @@ def write_cpio(rootfs: FlatRootfs, out: BinaryIO, *, extra: Sequence[Entry] = ()
                 f"/{entry.path} is {size} bytes; a newc cpio cannot hold files of 4 GiB or more",
                 hint="remove the file from the image or choose another output format",
             )
-        mode = _TYPE_BITS[entry.kind] | (entry.mode & 0o7777)
-        mtime = min(max(int(entry.mtime), 0), FIELD_MAX)
+        mode = entry.st_mode
+        mtime = min(max(entry.mtime_ns // NS, 0), FIELD_MAX)
         fields = (
             ino,
             mode,
@@ -245,13 +232,7 @@ def _header(
     writer.pad(HEADER + len(name) + 1)
 
 
-def _file_size(rootfs: FlatRootfs, path: str) -> int:
-    entry = rootfs.lookup(path)
-    assert entry is not None
-    return entry.size
-
-
-def _copy(rootfs: FlatRootfs, path: str, size: int, writer: BatchingWriter) -> None:
+def _copy(rootfs: Tree, path: str, size: int, writer: BatchingWriter) -> None:
     copied = 0
     with rootfs.open(path) as f:
         while chunk := f.read(min(CHUNK, size - copied)):
@@ -261,106 +242,3 @@ def _copy(rootfs: FlatRootfs, path: str, size: int, writer: BatchingWriter) -> N
                 break
     if copied != size:
         raise ConvertError(f"/{path}: read {copied} of its {size} bytes from the image layers")
-
-
-# ---------------------------------------------------------------- reading
-
-
-def records_from_cpio(stream: BinaryIO) -> Iterator[Record]:
-    """The :class:`~oci2disk.verify.Record` of every path of a newc archive.
-
-    Names of one hard-link set (same inode number, nlink > 1) all get the content of the
-    one name that carries data, whichever it is. A newc archive holds no xattrs.
-    """
-    records: dict[str, Record] = {}
-    inode_of: dict[str, tuple[int, int, int]] = {}
-    content: dict[tuple[int, int, int], tuple[int, str]] = {}
-    offset = 0
-
-    def read(n: int) -> bytes:
-        nonlocal offset
-        data = stream.read(n)
-        if len(data) != n:
-            raise VerifyError(f"the cpio archive ends early (at byte {offset + len(data)})")
-        offset += n
-        return data
-
-    def skip_pad(n: int) -> None:
-        if n % 4:
-            read(4 - n % 4)
-
-    while True:
-        header = read(HEADER)
-        if header[:6] not in (NEWC, NEWC_CRC):
-            raise VerifyError(
-                f"not a newc cpio archive: bad magic {header[:6]!r} at byte {offset - HEADER}"
-            )
-        try:
-            f = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
-        except ValueError:
-            raise VerifyError(f"bad cpio header at byte {offset - HEADER}") from None
-        ino, mode, uid, gid, nlink, _mtime, size, dmaj, dmin, rmaj, rmin, namesize, _ = f
-        name = read(namesize).rstrip(b"\0").decode("utf-8", "surrogateescape")
-        skip_pad(HEADER + namesize)
-        if name == TRAILER:
-            break
-        path = _normalize(name)
-        kind = _kind(mode, path)
-        digest = hashlib.sha256()
-        remaining = size
-        target = b""
-        while remaining:
-            chunk = read(min(CHUNK, remaining))
-            remaining -= len(chunk)
-            if kind == "symlink":
-                target += chunk
-            else:
-                digest.update(chunk)
-        skip_pad(size)
-        records[path] = Record(
-            path=path,
-            kind=kind,
-            mode=mode & 0o7777,
-            uid=uid,
-            gid=gid,
-            size=size if kind in ("file", "symlink") else 0,
-            sha256=digest.hexdigest() if kind == "file" else "",
-            linkname=target.decode("utf-8", "surrogateescape"),
-            devmajor=rmaj,
-            devminor=rmin,
-            xattrs=(),
-        )
-        inode_of.pop(path, None)
-        if kind == "file" and nlink > 1:
-            key = (dmaj, dmin, ino)
-            inode_of[path] = key
-            if size or key not in content:
-                content[key] = (size, digest.hexdigest())
-    members: dict[tuple[int, int, int], list[str]] = defaultdict(list)
-    for path, key in inode_of.items():
-        members[key].append(path)
-    for path, record in records.items():
-        inode = inode_of.get(path)
-        if inode is None or len(members[inode]) < 2:
-            yield record
-            continue
-        size, sha256 = content[inode]
-        yield replace(record, size=size, sha256=sha256, link_group=min(members[inode]))
-
-
-def read_records(path: Path) -> list[Record]:
-    """The records of a (compressed) cpio file, for ``oci2disk verify``."""
-    with compress.open_decompressed(path) as stream:
-        return list(records_from_cpio(stream))
-
-
-def _normalize(name: str) -> str:
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    return "/".join(parts) or "."
-
-
-def _kind(mode: int, path: str) -> str:
-    kind = kind_of(mode)
-    if kind is None:
-        raise VerifyError(f"cpio entry {path!r} has an unknown file type (mode {mode:o})")
-    return kind

@@ -23,19 +23,16 @@ import hashlib
 import logging
 import os
 import stat
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oci2disk.bytestreams import CHUNK
 from oci2disk.errors import ConvertError
-from oci2disk.filetypes import kind_of
-from oci2disk.flatten import Entry, FlatRootfs, Kind
-from oci2disk.verify import Record
+from oci2disk.rootfs import Entry, Kind, Tree
 
 log = logging.getLogger("oci2disk.directory")
 
-CHUNK = 1 << 20
 SHOWN = 10  # paths named per kind of loss in the summary
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -49,10 +46,6 @@ class DirectoryReport:
     devices: list[str] = field(default_factory=list)
     xattrs: list[str] = field(default_factory=list)
     digest: str = ""  # sha256 over every path's metadata and content: equal trees, equal digest
-
-    @property
-    def exact(self) -> bool:
-        return not (self.owners or self.devices or self.xattrs)
 
     def summary(self) -> list[str]:
         """One line per kind of loss, naming the first paths and why."""
@@ -113,7 +106,7 @@ class _Tree:
 
 
 def extract(
-    rootfs: FlatRootfs, target: Path, *, check: Callable[[], None] | None = None
+    rootfs: Tree, target: Path, *, check: Callable[[], None] | None = None
 ) -> DirectoryReport:
     """Write every entry of ``rootfs`` into the empty directory ``target``."""
     report = DirectoryReport()
@@ -134,14 +127,14 @@ def extract(
             if entry.kind is Kind.DIR:
                 os.mkdir(name, 0o700, dir_fd=parent)
                 dirs.append(entry)
-            elif entry.kind is Kind.FILE:
-                content = _write_file(rootfs, entry, parent, name, report)
-            elif entry.kind is Kind.HARDLINK:
-                src_parent, src_name = tree.parent(entry.linkname)
+            elif entry.hardlink_to:
+                src_parent, src_name = tree.parent(entry.hardlink_to)
                 os.link(
                     src_name, name, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False
                 )
-                content = entry.linkname
+                content = "link:" + entry.hardlink_to
+            elif entry.kind is Kind.FILE:
+                content = _write_file(rootfs, entry, parent, name, report)
             elif entry.kind is Kind.SYMLINK:
                 os.symlink(entry.linkname, name, dir_fd=parent)
                 _metadata(entry, parent, name, report)
@@ -178,9 +171,7 @@ def _line(entry: Entry, content: str) -> bytes:
     return "\0".join(fields).encode("utf-8", "surrogateescape") + b"\n"
 
 
-def _write_file(
-    rootfs: FlatRootfs, entry: Entry, parent: int, name: str, report: DirectoryReport
-) -> str:
+def _write_file(rootfs: Tree, entry: Entry, parent: int, name: str, report: DirectoryReport) -> str:
     digest = hashlib.sha256()
     fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
     try:
@@ -235,67 +226,14 @@ def _metadata(entry: Entry, fd: int, name: str | None, report: DirectoryReport) 
             if exc.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
             report.xattrs.append(f"{entry.path} ({key})")
-    times = (entry.mtime, entry.mtime)
+    times = (entry.mtime_ns, entry.mtime_ns)
     if name is None:
-        os.utime(fd, times)
+        os.utime(fd, ns=times)
     else:
-        os.utime(name, times, dir_fd=fd, follow_symlinks=False)
+        os.utime(name, ns=times, dir_fd=fd, follow_symlinks=False)
 
 
 def _setxattr_at(parent: int, name: str, key: str, value: bytes) -> None:
     # No setxattrat() in Python: go through /proc's view of the parent descriptor, which
     # resolves the final name without following it.
     os.setxattr(f"/proc/self/fd/{parent}/{name}", key, value, follow_symlinks=False)
-
-
-# ---------------------------------------------------------------- reading back
-
-
-def records_from_directory(root: Path) -> Iterator[Record]:
-    """The :class:`~oci2disk.verify.Record` of every path under ``root`` (not following)."""
-    paths_of: dict[tuple[int, int], list[str]] = defaultdict(list)
-    found: list[tuple[str, os.stat_result]] = [(".", os.lstat(root))]
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted([*filenames, *dirnames]):
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            rel = os.path.relpath(full, root)
-            found.append((rel, st))
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                paths_of[(st.st_dev, st.st_ino)].append(rel)
-    for rel, st in found:
-        full = os.path.join(root, rel)
-        mode = st.st_mode
-        kind = _record_kind(mode)
-        sha256 = ""
-        if kind == "file":
-            with open(full, "rb") as f:
-                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-        group = paths_of.get((st.st_dev, st.st_ino), []) if kind == "file" else []
-        yield Record(
-            path=rel,
-            kind=kind,
-            mode=stat.S_IMODE(mode),
-            uid=st.st_uid,
-            gid=st.st_gid,
-            size=st.st_size if kind in ("file", "symlink") else 0,
-            sha256=sha256,
-            linkname=os.readlink(full) if kind == "symlink" else "",
-            devmajor=os.major(st.st_rdev) if kind in ("char", "block") else 0,
-            devminor=os.minor(st.st_rdev) if kind in ("char", "block") else 0,
-            xattrs=_xattrs(full),
-            link_group=min(group) if len(group) > 1 else "",
-        )
-
-
-def _record_kind(mode: int) -> str:
-    return kind_of(mode) or "socket"  # lstat results always have a known type
-
-
-def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return ()
-    return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names))

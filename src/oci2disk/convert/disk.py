@@ -1,6 +1,7 @@
 """Raw disks and bare filesystem images, written without any privileges.
 
-The partition table is written into the plain file by sfdisk; the ext2/3/4
+The partition table is written into the plain file by
+:mod:`oci2disk.diskimage.partitions` (sfdisk); the ext2/3/4
 filesystem is created by ``mke2fs -d -`` reading the canonical rootfs tar on stdin
 and writing at ``-E offset=`` straight into the partition. Ownership, modes, device
 nodes and file capabilities come from the tar headers, so nothing is extracted onto the
@@ -28,9 +29,12 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from oci2disk import run
+from oci2disk.arch import Arch
+from oci2disk.diskimage import partitions
 from oci2disk.errors import ConvertError, ToolMissingError
-from oci2disk.flatten import Entry, ExtraFile, FlatRootfs, Kind, RootfsStats
 from oci2disk.recipe import DiskSpec, FstabMode, FsType, Table
+from oci2disk.rootfs import Entry, ExtraFile, Kind, RootfsStats, Tree
+from oci2disk.rootfs.flat import FlatRootfs
 
 log = logging.getLogger("oci2disk.disk")
 
@@ -44,9 +48,6 @@ GPT_TAIL = 1 * MiB  # room for the backup GPT, kept aligned
 # gem5-resources Ubuntu images (partition 1 for GRUB, root on 2); the others are
 # "Linux reserved" (GPT) or "Non-FS data" (MBR), so nothing mounts or formats them.
 PLACEHOLDER_BYTES = 1 * MiB
-GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
-GPT_RESERVED = "8DA63339-0007-60C0-C436-083AC8230908"
-MBR_NON_FS = "da"
 MIN_MKE2FS = (1, 47, 1)
 # Features that e2fsprogs 1.47 turns on by default but kernels before 5.15 (and GRUB
 # before 2.12) cannot mount; a disk image should boot with the kernels users still run.
@@ -185,7 +186,7 @@ def fstab_text(identity: FsIdentity, mode: FstabMode) -> str:
     )
 
 
-def generated_files(root: FlatRootfs, identity: FsIdentity, mode: FstabMode) -> list[ExtraFile]:
+def generated_files(root: Tree, identity: FsIdentity, mode: FstabMode) -> list[ExtraFile]:
     """Files oci2disk writes into the image (they are listed in the build manifest)."""
     if mode is FstabMode.NONE:
         return []
@@ -219,48 +220,55 @@ def require_mke2fs() -> None:
         )
 
 
-def write_partition_table(path: Path, layout: DiskLayout, identity: FsIdentity) -> None:
-    """Write an MBR or GPT with one Linux partition into the file (no device involved)."""
-    start = layout.fs_offset // SECTOR
-    sectors = layout.fs_bytes // SECTOR
+def partition_table(
+    layout: DiskLayout, identity: FsIdentity, arch: Arch | None
+) -> partitions.Table:
+    """The table of a disk oci2disk writes: empty placeholders before the root partition
+    (none when it is 1), then the root partition, with ids derived from the fs UUID."""
+    label = partitions.GPT if layout.table is Table.GPT else partitions.MBR
     disk_id = uuidlib.UUID(derive_uuid("disk", identity.uuid))
-    if layout.table is Table.MBR:
-        script = (
-            "label: dos\n"
-            f"label-id: 0x{disk_id.int & 0xFFFFFFFF:08x}\n"
-            f"{_placeholder_lines(layout, identity)}"
-            f"start={start}, size={sectors}, type=83, bootable\n"
-        )
-    else:
-        part_uuid = derive_uuid("partition", identity.uuid)
-        script = (
-            "label: gpt\n"
-            f"label-id: {disk_id}\n"
-            f"{_placeholder_lines(layout, identity)}"
-            f"start={start}, size={sectors}, "
-            "type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, "
-            f'uuid={part_uuid}, name="{identity.label or "root"}"\n'
-        )
-    run.run(
-        ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "--wipe=always", str(path)],
-        input=script.encode(),
-        what="writing the partition table failed",
-    )
-
-
-def _placeholder_lines(layout: DiskLayout, identity: FsIdentity) -> str:
-    """sfdisk lines for the empty partitions before the root one (none when it is 1)."""
-    lines = []
+    parts: list[partitions.Partition] = []
     for number in range(1, layout.partition):
-        start = (PART_START + (number - 1) * PLACEHOLDER_BYTES) // SECTOR
-        size = PLACEHOLDER_BYTES // SECTOR
-        if layout.table is Table.MBR:
-            lines.append(f"start={start}, size={size}, type={MBR_NON_FS}\n")
-            continue
-        kind, name = (GPT_BIOS_BOOT, "bios") if number == 1 else (GPT_RESERVED, "reserved")
-        uuid = derive_uuid("partition", identity.uuid, str(number))
-        lines.append(f'start={start}, size={size}, type={kind}, uuid={uuid}, name="{name}"\n')
-    return "".join(lines)
+        start = PART_START + (number - 1) * PLACEHOLDER_BYTES
+        if label == partitions.MBR:
+            placeholder = partitions.Partition(
+                number, start, PLACEHOLDER_BYTES, partitions.MBR_NON_FS, label
+            )
+        else:
+            bios = number == 1
+            placeholder = partitions.Partition(
+                number,
+                start,
+                PLACEHOLDER_BYTES,
+                partitions.GPT_BIOS_BOOT if bios else partitions.GPT_RESERVED,
+                label,
+                name="bios" if bios else "reserved",
+                uuid=derive_uuid("partition", identity.uuid, str(number)),
+            )
+        parts.append(placeholder)
+    root = partitions.Partition(
+        layout.partition,
+        layout.fs_offset,
+        layout.fs_bytes,
+        partitions.root_type(label, arch),
+        label,
+        name="" if label == partitions.MBR else identity.label or "root",
+        uuid="" if label == partitions.MBR else derive_uuid("partition", identity.uuid),
+        bootable=label == partitions.MBR,
+    )
+    if label == partitions.MBR:
+        return partitions.Table(label, f"{disk_id.int & 0xFFFFFFFF:08x}", (*parts, root))
+    return partitions.Table(label, str(disk_id), (*parts, root))
+
+
+def write_partition_table(
+    path: Path, layout: DiskLayout, identity: FsIdentity, arch: Arch | None
+) -> None:
+    """Write the MBR or GPT of :func:`partition_table` into the file (no device involved).
+
+    ``arch`` (the image's) gives a GPT root partition its Discoverable Partitions type.
+    """
+    partitions.write_table(path, partition_table(layout, identity, arch))
 
 
 def root_partuuid(layout: DiskLayout, identity: FsIdentity) -> str | None:
@@ -268,10 +276,7 @@ def root_partuuid(layout: DiskLayout, identity: FsIdentity) -> str | None:
     without an initramfs (GPT: the partition's UUID; MBR: DISKID-NN)."""
     if layout.table is Table.NONE:
         return None
-    if layout.table is Table.GPT:
-        return derive_uuid("partition", identity.uuid)
-    disk_id = uuidlib.UUID(derive_uuid("disk", identity.uuid))
-    return f"{disk_id.int & 0xFFFFFFFF:08x}-{layout.partition:02x}"
+    return partition_table(layout, identity, None).partuuid(layout.partition)
 
 
 def write_filesystem(
@@ -362,13 +367,13 @@ def _widen_pipe(fd: int) -> None:
         fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
 
 
-def apply_extra_xattrs(root: FlatRootfs, path: Path, layout: DiskLayout, workdir: Path) -> int:
+def apply_extra_xattrs(root: Tree, path: Path, layout: DiskLayout, workdir: Path) -> int:
     """Set the xattrs that mke2fs's tarball reader dropped; return how many were set."""
     commands: list[str] = []
     count = 0
     values = workdir / "xattr-values"
     for entry in root.entries():
-        if entry.kind is Kind.HARDLINK:
+        if entry.hardlink_to:
             continue  # xattrs live on the inode, set once through its first name
         for name, value in entry.xattrs:
             if name in MKE2FS_KEPT_XATTRS:

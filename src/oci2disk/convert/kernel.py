@@ -1,10 +1,6 @@
 """The kernel and initrd of the image, and the uncompressed vmlinux some simulators need.
 
-The kernel is looked for where distributions install it: ``/boot/vmlinuz-VERSION``
-(Debian, Ubuntu, Fedora, Arch, Alpine) and ``/usr/lib/modules/VERSION/vmlinuz``
-(Fedora, Arch). Its initrd is ``/boot/initrd.img-VERSION`` (Debian, Ubuntu),
-``/boot/initramfs-VERSION.img`` (Fedora, Arch, Alpine) or ``/boot/initrd-VERSION``.
-Several kernels: the newest version, unless the recipe names one.
+Which kernel: :mod:`oci2disk.rootfs.kernels` (the finder ``boot`` uses too).
 
 ``vmlinux`` is found as the kernel's scripts/extract-vmlinux finds it: the compressed
 payload starts at a known magic (gzip, xz, zstd, lzma, lz4, bzip2); each candidate is
@@ -16,141 +12,25 @@ Host tools: lz4 (only for an lz4-compressed kernel).
 
 from __future__ import annotations
 
-import bz2
 import logging
-import lzma
-import re
 import struct
-import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-import zstandard
-
 from oci2disk import run
+from oci2disk.bytestreams import CHUNK
+from oci2disk.compression import DECOMPRESS_ERRORS, Compression
 from oci2disk.errors import ConvertError
-from oci2disk.flatten import Entry, FlatRootfs, Kind
-from oci2disk.recipe import KernelSpec
+from oci2disk.rootfs import Entry, Tree
+from oci2disk.rootfs.kernels import KernelFiles
 
 log = logging.getLogger("oci2disk.kernel")
 
-CHUNK = 1 << 20
-MAX_SYMLINKS = 40  # as Linux's path lookup
 ELF_MAGIC = b"\x7fELF"
-KERNEL_RE = re.compile(r"^(?:vmlinuz|vmlinux|bzImage|Image|zImage)-(.+)$")
-INITRD_NAMES = ("initrd.img-{v}", "initramfs-{v}.img", "initrd-{v}", "initrd-{v}.img")
-
-
-def follow(rootfs: FlatRootfs, path: str) -> Entry | None:
-    """The entry at ``path`` in the image, following symlinks inside the image only."""
-    todo = [part for part in path.split("/") if part]
-    done: list[str] = []
-    hops = 0
-    while todo:
-        part = todo.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        entry = rootfs.lookup("/".join([*done, part]))
-        if entry is None:
-            return None
-        if entry.kind is Kind.SYMLINK:
-            hops += 1
-            if hops > MAX_SYMLINKS:
-                return None
-            target = [p for p in entry.linkname.split("/") if p]
-            if entry.linkname.startswith("/"):
-                done = []
-            todo = target + todo
-            continue
-        done.append(part)
-    return rootfs.lookup("/".join(done) or ".")
-
-
-@dataclass(frozen=True)
-class KernelFiles:
-    version: str
-    kernel: Entry  # a regular file (symlinks already followed)
-    initrd: Entry | None
-
-
-def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    """Compare versions part by part, numbers as numbers: 6.1.0-50 is newer than 6.1.0-9."""
-    return tuple(
-        (0, int(part)) if part.isdigit() else (1, part)
-        for part in re.findall(r"\d+|[^\d]+", version)
-    )
-
-
-def find_kernels(rootfs: FlatRootfs) -> dict[str, KernelFiles]:
-    """Every kernel of the image by version, each with its initrd when there is one."""
-    found: dict[str, KernelFiles] = {}
-    for entry in rootfs.entries():
-        parts = entry.path.split("/")
-        version = None
-        if len(parts) == 2 and parts[0] == "boot":
-            match = KERNEL_RE.match(parts[1])
-            version = match.group(1) if match else None
-        elif (
-            len(parts) in (4, 5)
-            and parts[-1] == "vmlinuz"
-            and parts[-3] == "modules"
-            and "/".join(parts[:-3]) in ("lib", "usr/lib")
-        ):
-            version = parts[-2]
-        if version is None or version in found:
-            continue
-        kernel = follow(rootfs, entry.path)
-        if kernel is None or kernel.kind not in (Kind.FILE, Kind.HARDLINK) or not kernel.size:
-            continue
-        found[version] = KernelFiles(version, kernel, _initrd(rootfs, version))
-    return found
-
-
-def _initrd(rootfs: FlatRootfs, version: str) -> Entry | None:
-    candidates = [f"boot/{name.format(v=version)}" for name in INITRD_NAMES]
-    candidates += [f"usr/lib/modules/{version}/initrd", f"lib/modules/{version}/initrd"]
-    for path in candidates:
-        entry = follow(rootfs, path)
-        if entry is not None and entry.kind in (Kind.FILE, Kind.HARDLINK) and entry.size:
-            return entry
-    return None
-
-
-def choose(rootfs: FlatRootfs, spec: KernelSpec) -> KernelFiles:
-    kernels = find_kernels(rootfs)
-    if not kernels:
-        raise ConvertError(
-            "the image has no kernel (no /boot/vmlinuz-VERSION or "
-            "/usr/lib/modules/VERSION/vmlinuz), so there is none to write",
-            hint="install one in the Dockerfile (Debian: apt-get install linux-image-amd64), "
-            "or drop kernel from the formats",
-        )
-    versions = sorted(kernels, key=version_key)
-    if spec.version is not None:
-        if spec.version not in kernels:
-            raise ConvertError(
-                f"the image has no kernel {spec.version}",
-                hint=f"kernels in the image: {', '.join(versions)}; "
-                "set [kernel] version in recipe.toml to one of them",
-            )
-        return kernels[spec.version]
-    if len(versions) > 1:
-        log.warning(
-            "the image has %d kernels (%s); writing the newest, %s",
-            len(versions),
-            ", ".join(versions),
-            versions[-1],
-        )
-    return kernels[versions[-1]]
 
 
 def write_kernel(
-    rootfs: FlatRootfs,
+    rootfs: Tree,
     chosen: KernelFiles,
     vmlinuz: Path,
     *,
@@ -170,7 +50,7 @@ def write_kernel(
         vmlinux.write_bytes(extract_vmlinux(vmlinuz.read_bytes(), workdir))
 
 
-def _copy_out(rootfs: FlatRootfs, entry: Entry, out: Path) -> None:
+def _copy_out(rootfs: Tree, entry: Entry, out: Path) -> None:
     with rootfs.open(entry.path) as src, out.open("wb") as dst:
         while chunk := src.read(CHUNK):
             dst.write(chunk)
@@ -179,38 +59,16 @@ def _copy_out(rootfs: FlatRootfs, entry: Entry, out: Path) -> None:
 # ---------------------------------------------------------------- vmlinux
 
 
-def _gunzip(data: bytes) -> bytes:
-    return zlib.decompressobj(wbits=31).decompress(data)
-
-
-def _unxz(data: bytes) -> bytes:
-    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data)
-
-
-def _unlzma(data: bytes) -> bytes:
-    return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(data)
-
-
-def _bunzip2(data: bytes) -> bytes:
-    return bz2.BZ2Decompressor().decompress(data)
-
-
-def _unzstd(data: bytes) -> bytes:
-    out = zstandard.ZstdDecompressor().decompressobj()
-    return out.decompress(data)
-
-
 # scripts/extract-vmlinux's magics, in its order (lzo is left out: no kernel of a
 # distribution uses it).
-_CODECS: tuple[tuple[str, bytes, Callable[[bytes], bytes] | None], ...] = (
-    ("gzip", b"\x1f\x8b\x08", _gunzip),
-    ("xz", b"\xfd7zXZ\x00", _unxz),
-    ("bzip2", b"BZh", _bunzip2),
-    ("lzma", b"\x5d\x00\x00\x00", _unlzma),
-    ("lz4", b"\x02\x21\x4c\x18", None),  # the lz4 tool (legacy frames)
-    ("zstd", b"\x28\xb5\x2f\xfd", _unzstd),
+_CODECS = (
+    Compression.GZIP,
+    Compression.XZ,
+    Compression.BZIP2,
+    Compression.LZMA,
+    Compression.LZ4,
+    Compression.ZSTD,
 )
-_ERRORS = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
 
 
 def extract_vmlinux(vmlinuz: bytes, workdir: Path) -> bytes:
@@ -218,11 +76,11 @@ def extract_vmlinux(vmlinuz: bytes, workdir: Path) -> bytes:
     if vmlinuz.startswith(ELF_MAGIC):
         return vmlinuz
     tried: list[str] = []
-    for name, start in _candidates(vmlinuz):
-        tried.append(f"{name}@{start}")
-        elf = _decompress(name, vmlinuz[start:], workdir)
+    for codec, start in _candidates(vmlinuz):
+        tried.append(f"{codec.label}@{start}")
+        elf = _decompress(codec, vmlinuz[start:], workdir)
         if elf is not None and elf.startswith(ELF_MAGIC):
-            log.info("vmlinux: %s payload at byte %d, %d bytes", name, start, len(elf))
+            log.info("vmlinux: %s payload at byte %d, %d bytes", codec.label, start, len(elf))
             return elf
     raise ConvertError(
         "cannot find the ELF kernel (vmlinux) inside the kernel image"
@@ -232,20 +90,22 @@ def extract_vmlinux(vmlinuz: bytes, workdir: Path) -> bytes:
     )
 
 
-def _candidates(data: bytes) -> Iterator[tuple[str, int]]:
+def _candidates(data: bytes) -> Iterator[tuple[Compression, int]]:
     """(codec, offset) pairs: the bzImage's own payload first, then every magic found."""
     seen: set[int] = set()
     payload = _bzimage_payload(data)
     if payload is not None:
-        for name, magic, _ in _CODECS:
-            if data.startswith(magic, payload):
+        for codec in _CODECS:
+            if data.startswith(codec.magic, payload):
                 seen.add(payload)
-                yield name, payload
-    for name, magic, _ in _CODECS:
+                yield codec, payload
+    for codec in _CODECS:
+        # gzip's magic plus the deflate method byte, as extract-vmlinux looks for it
+        magic = codec.magic + b"\x08" if codec is Compression.GZIP else codec.magic
         start = data.find(magic)
         while start >= 0:
             if start not in seen:
-                yield name, start
+                yield codec, start
             start = data.find(magic, start + 1)
 
 
@@ -262,13 +122,12 @@ def _bzimage_payload(data: bytes) -> int | None:
     return start if start < len(data) else None
 
 
-def _decompress(name: str, data: bytes, workdir: Path) -> bytes | None:
-    decoder = next(fn for codec, _, fn in _CODECS if codec == name)
+def _decompress(codec: Compression, data: bytes, workdir: Path) -> bytes | None:
     try:
-        if decoder is not None:
-            return decoder(data)
-        return _unlz4(data, workdir)
-    except _ERRORS:
+        if codec is Compression.LZ4:
+            return _unlz4(data, workdir)
+        return codec.decompress_bytes(data)
+    except DECOMPRESS_ERRORS:
         return None
 
 

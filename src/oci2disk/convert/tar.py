@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from oci2disk.convert import compress
-from oci2disk.flatten import ExtraFile, FlatRootfs
 from oci2disk.recipe import TarSpec
+from oci2disk.rootfs import ExtraFile
+from oci2disk.rootfs.flat import FlatRootfs
 
 
 def write_tar(

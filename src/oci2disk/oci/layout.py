@@ -14,8 +14,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -398,40 +397,6 @@ def host_platform() -> Platform:
         "riscv64": "riscv64",
     }.get(machine, machine)
     return Platform("linux", arch, "v8" if arch == "arm64" else "")
-
-
-@contextmanager
-def open_layer(image: OciImage, desc: Descriptor) -> Iterator[IO[bytes]]:
-    """Open a layer blob as an uncompressed tar byte stream (digest checked first)."""
-    kind = LAYER_COMPRESSION[desc.media_type]
-    with open_verified_blob(image.layout, desc) as raw:
-        if kind == "none":
-            yield raw
-        elif kind == "gzip":
-            with _gzip_reader(raw) as gz:
-                yield gz
-        else:
-            yield _zstd_reader(raw)
-
-
-def _gzip_reader(raw: IO[bytes]) -> IO[bytes]:
-    """A gzip decompressor: ISA-L's when present (about twice zlib's speed here)."""
-    try:
-        from isal import igzip
-    except ImportError:
-        return cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
-    return cast(IO[bytes], igzip.IGzipFile(fileobj=raw, mode="rb"))  # type: ignore[no-untyped-call]
-
-
-def _zstd_reader(raw: IO[bytes]) -> IO[bytes]:
-    try:
-        import zstandard
-    except ImportError:
-        raise ImageError(
-            "this image has zstd-compressed layers and the zstandard module is missing",
-            hint="pip install zstandard (it is part of oci2disk's dependencies)",
-        ) from None
-    return cast(IO[bytes], zstandard.ZstdDecompressor().stream_reader(raw))
 
 
 # ---------------------------------------------------------------- writing layouts

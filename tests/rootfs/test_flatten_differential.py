@@ -59,11 +59,11 @@ from layerkit import (
 )
 from oci2disk import run
 from oci2disk.errors import LayerError
-from oci2disk.flatten import flatten
+from oci2disk.rootfs.flatten import flatten
 
 log = logging.getLogger(__name__)
 
-CASES_DIR = Path(__file__).parent / "data" / "flatten"
+CASES_DIR = Path(__file__).parent.parent / "data" / "flatten"
 CAPABILITY = "security.capability"
 DOCKER_CONTAINER_PATHS = frozenset(
     {

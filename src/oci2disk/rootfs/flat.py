@@ -1,0 +1,326 @@
+"""The flattened rootfs of an image: a :class:`~oci2disk.rootfs.model.Tree`, and the
+one canonical tar stream every output is written from.
+
+:meth:`FlatRootfs.write_tar` streams one PAX tar in sorted order, which ``mke2fs -d -``
+and the archive writers consume. Its mode fields hold permission bits only: e2fsprogs
+reads a hard-link entry whose mode field carries type bits (as Go's archive/tar writes
+it) as an empty regular file.
+
+Host tools: none.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import IO, BinaryIO
+
+from oci2disk.bytestreams import CHUNK, ZEROS, BatchingWriter, RunReader
+from oci2disk.errors import ImageError
+from oci2disk.rootfs.model import ENCODING, ERRORS, NS, Entry, ExtraFile, Kind, RootfsStats
+from oci2disk.rootfs.tree import Dir, Node, by_name, components, extents, show
+
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+_KIND_TYPES = {
+    Kind.FILE: tarfile.REGTYPE,
+    Kind.DIR: tarfile.DIRTYPE,
+    Kind.SYMLINK: tarfile.SYMTYPE,
+    Kind.CHAR: tarfile.CHRTYPE,
+    Kind.BLOCK: tarfile.BLKTYPE,
+    Kind.FIFO: tarfile.FIFOTYPE,
+}
+
+
+class FlatRootfs:
+    """The flattened rootfs of an image; owns the open layer files until closed."""
+
+    def __init__(
+        self,
+        root: Dir,
+        layers: list[IO[bytes]],
+        linked: set[Node],
+        source_date_epoch: int | None,
+    ) -> None:
+        self._root = root
+        self._layers = layers  # per layer index; a blob listed twice is one file object
+        self._sde_ns = None if source_date_epoch is None else source_date_epoch * NS
+        self._closed = False
+        self._leaders: dict[Node, bytes] = {}
+        self.stats = self._finalize(linked)
+
+    # ----------------------------------------------------------- public API
+
+    def entries(self) -> Iterator[Entry]:
+        """Every path in canonical order: by path components, "." first."""
+        for path, node in self._walk({}):
+            assert isinstance(node, Node)
+            yield self._entry(path, node)
+
+    def lookup(self, path: str) -> Entry | None:
+        parts = components(path)
+        node = self._find(parts) if parts is not None else None
+        if node is None or parts is None:
+            return None
+        return self._entry(b"/".join(parts) or b".", node)
+
+    def open(self, path: str) -> BinaryIO:
+        """Content of a regular file (or a hard link's file); symlinks are not followed."""
+        self._check_open()
+        parts = components(path)
+        node = self._find(parts) if parts is not None else None
+        if node is None or node.meta.kind is not Kind.FILE:
+            raise ImageError(f"{path!r} is not a regular file in the image")
+        fd = os.dup(self._layers[node.layer].fileno())
+        return io.BufferedReader(
+            RunReader(fd, list(extents(node)), close_fd=True), buffer_size=CHUNK
+        )
+
+    def write_tar(self, out: BinaryIO, *, extra: Sequence[ExtraFile] = ()) -> None:
+        """Write the canonical PAX tar stream, with ``extra`` files added or replacing."""
+        self._check_open()
+        extras = self._plan_extras(extra)
+        sink = _Sink(out)
+        leaders: dict[Node, bytes] = {}
+        for path, item in self._walk(extras):
+            if isinstance(item, ExtraFile):
+                info = self._tarinfo_extra(path, item)
+                sink.write(info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS))
+                sink.write(item.data)
+                sink.pad(len(item.data))
+                continue
+            node = item
+            link = b""
+            if node in self._leaders:
+                # Leaders are recomputed here: an extra file may have replaced one.
+                link = leaders.setdefault(node, path)
+                if link == path:
+                    link = b""
+            info = self._tarinfo(path, node, link)
+            sink.write(info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS))
+            if info.type == tarfile.REGTYPE and node.size:
+                self._copy(sink, path, node)
+        sink.finish()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for f in {id(f): f for f in self._layers}.values():
+            f.close()
+
+    def __enter__(self) -> FlatRootfs:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ----------------------------------------------------------- internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the flattened rootfs is closed")
+
+    def _clamp(self, mtime: int) -> int:
+        return mtime if self._sde_ns is None else min(mtime, self._sde_ns)
+
+    def _find(self, parts: list[bytes]) -> Node | None:
+        node: Node = self._root
+        for part in parts:
+            if not isinstance(node, Dir):
+                return None  # a symlink or file: never followed
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def _finalize(self, linked: set[Node]) -> RootfsStats:
+        # Pass 1: sort every directory once (dicts keep insertion order).
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            node.children = dict(sorted(node.children.items(), key=by_name))
+            stack.extend(c for c in node.children.values() if isinstance(c, Dir))
+        # Pass 2: the first name in canonical order leads each link set; count.
+        counts = dict.fromkeys(Kind, 0)
+        hardlinks = 0
+        names: dict[Node, int] = {}
+        data_bytes = 0
+        used: set[int] = set()
+        for path, item in self._walk({}):
+            assert isinstance(item, Node)
+            kind = item.meta.kind
+            if item in linked:
+                names[item] = names.get(item, 0) + 1
+                if names[item] > 1:
+                    hardlinks += 1
+                    continue
+                self._leaders[item] = path
+            if kind is Kind.FILE:
+                data_bytes += item.size
+                used.add(item.layer)
+            counts[kind] += 1
+        for item, count in names.items():
+            if count == 1:
+                del self._leaders[item]  # the other names are gone: a plain file again
+        # Layers that no surviving file reads from are not needed: free their temp files.
+        needed = {id(self._layers[i]) for i in used}
+        for f in self._layers:
+            if id(f) not in needed:
+                f.close()
+        return RootfsStats(
+            entries=sum(counts.values()) + hardlinks,
+            files=counts[Kind.FILE],
+            dirs=counts[Kind.DIR],
+            symlinks=counts[Kind.SYMLINK],
+            hardlinks=hardlinks,
+            specials=sum(counts[k] for k in (Kind.CHAR, Kind.BLOCK, Kind.FIFO, Kind.SOCKET)),
+            data_bytes=data_bytes,
+        )
+
+    def _walk(
+        self, extras: dict[bytes, dict[bytes, ExtraFile]]
+    ) -> Iterator[tuple[bytes, Node | ExtraFile]]:
+        """Depth first, children in byte order of their names: the canonical order."""
+        yield b".", self._root
+        stack = [(b"", self._children(self._root, b".", extras))]
+        while stack:
+            prefix, items = stack[-1]
+            item = next(items, None)
+            if item is None:
+                stack.pop()
+                continue
+            name, node = item
+            path = prefix + name
+            yield path, node
+            if isinstance(node, Dir):
+                stack.append((path + b"/", self._children(node, path, extras)))
+
+    @staticmethod
+    def _children(
+        node: Dir, path: bytes, extras: dict[bytes, dict[bytes, ExtraFile]]
+    ) -> Iterator[tuple[bytes, Node | ExtraFile]]:
+        added = extras.get(path)
+        if not added:
+            return iter(node.children.items())
+        merged: dict[bytes, Node | ExtraFile] = {**node.children, **added}
+        return iter(sorted(merged.items(), key=by_name))
+
+    def _entry(self, path: bytes, node: Node) -> Entry:
+        meta = node.meta
+        leader = self._leaders.get(node)
+        return Entry(
+            path=path.decode(ENCODING, ERRORS),
+            kind=meta.kind,
+            mode=meta.mode,
+            uid=meta.uid,
+            gid=meta.gid,
+            size=node.size,
+            mtime_ns=self._clamp(node.mtime),
+            linkname=meta.linkname,
+            devmajor=meta.devmajor,
+            devminor=meta.devminor,
+            xattrs=meta.xattrs,
+            link_group=leader.decode(ENCODING, ERRORS) if leader is not None else "",
+        )
+
+    def _tarinfo(self, path: bytes, node: Node, hardlink_to: bytes) -> tarfile.TarInfo:
+        meta = node.meta
+        info = tarfile.TarInfo(path.decode(ENCODING, ERRORS))
+        # A link entry carries its file's full metadata: mke2fs applies the link's
+        # header to the shared inode.
+        info.type = tarfile.LNKTYPE if hardlink_to else _KIND_TYPES[meta.kind]
+        info.linkname = hardlink_to.decode(ENCODING, ERRORS) if hardlink_to else meta.linkname
+        info.mode = meta.mode
+        info.uid = meta.uid
+        info.gid = meta.gid
+        info.uname = info.gname = ""
+        info.size = node.size if info.type == tarfile.REGTYPE else 0
+        info.devmajor = meta.devmajor
+        info.devminor = meta.devminor
+        pax = {"SCHILY.xattr." + key: value.decode(ENCODING, ERRORS) for key, value in meta.xattrs}
+        mtime = self._clamp(node.mtime)
+        info.mtime = mtime // NS
+        if mtime % NS:
+            whole, frac = divmod(abs(mtime), NS)
+            sign = "-" if mtime < 0 else ""
+            pax["mtime"] = f"{sign}{whole}.{frac:09d}".rstrip("0")
+        info.pax_headers = pax
+        return info
+
+    def _tarinfo_extra(self, path: bytes, item: ExtraFile) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(path.decode(ENCODING, ERRORS))
+        info.type = tarfile.REGTYPE
+        info.mode = item.mode & 0o7777
+        info.uid = item.uid
+        info.gid = item.gid
+        info.uname = info.gname = ""
+        info.size = len(item.data)
+        info.mtime = 0 if self._sde_ns is None else self._sde_ns // NS
+        return info
+
+    def _plan_extras(self, extra: Sequence[ExtraFile]) -> dict[bytes, dict[bytes, ExtraFile]]:
+        plan: dict[bytes, dict[bytes, ExtraFile]] = {}
+        for item in extra:
+            parts = components(item.path)
+            if not parts:
+                raise ImageError(f"extra file {item.path!r} is not a path inside the image")
+            parent_path = b"/".join(parts[:-1]) or b"."
+            parent = self._find(parts[:-1])
+            if not isinstance(parent, Dir):
+                raise ImageError(
+                    f"cannot add {item.path!r}: {show(parts[:-1])!r} is not a directory "
+                    "in the image",
+                    hint="add the directory to the image (e.g. RUN mkdir -p in the Dockerfile)",
+                )
+            if isinstance(parent.children.get(parts[-1]), Dir):
+                raise ImageError(f"cannot add {item.path!r}: the image has a directory there")
+            siblings = plan.setdefault(parent_path, {})
+            if parts[-1] in siblings:
+                raise ImageError(f"extra file {item.path!r} is given twice")
+            siblings[parts[-1]] = item
+        return plan
+
+    def _copy(self, sink: _Sink, path: bytes, node: Node) -> None:
+        fd = self._layers[node.layer].fileno()
+        for length, offset in extents(node):
+            if offset is None:
+                zeros = memoryview(ZEROS)
+                for start in range(0, length, CHUNK):
+                    sink.write(zeros[: min(CHUNK, length - start)])
+                continue
+            remaining = length
+            while remaining:
+                chunk = os.pread(fd, min(CHUNK, remaining), offset)
+                if not chunk:
+                    raise ImageError(
+                        f"{path.decode(ENCODING, ERRORS)}: layer data ended early",
+                        hint="the layout or workdir changed while oci2disk was reading it",
+                    )
+                sink.write(chunk)
+                offset += len(chunk)
+                remaining -= len(chunk)
+        sink.pad(node.size)
+
+
+class _Sink(BatchingWriter):
+    """The tar stream: 512-byte blocks, closed by the end-of-archive marker."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        super().__init__(out, BLOCK)
+
+    def finish(self) -> None:
+        self.write(bytes(2 * BLOCK))  # end-of-archive marker
+        if self.written % RECORD:
+            self.write(bytes(RECORD - self.written % RECORD))
+        self.flush()
+        self.out.flush()
