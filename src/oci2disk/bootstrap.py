@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oci2disk import run
+from oci2disk.arch import Arch
 from oci2disk.errors import UsageError
 from oci2disk.oci import transports
 from oci2disk.oci.layout import Platform, host_platform, layout_from_rootfs_tar
@@ -26,15 +27,6 @@ log = logging.getLogger("oci2disk.bootstrap")
 
 SUITES = ("bookworm", "trixie", "sid", "bullseye")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-DEBIAN_ARCH = {
-    "amd64": "amd64",
-    "arm64": "arm64",
-    "arm": "armhf",
-    "386": "i386",
-    "ppc64le": "ppc64el",
-    "s390x": "s390x",
-    "riscv64": "riscv64",
-}
 IMAGE_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 IMAGE_CONFIG = {"Env": [IMAGE_ENV], "Cmd": ["/bin/bash"]}
 DESTINATIONS = (
@@ -72,9 +64,10 @@ def bootstrap(spec: BootstrapSpec, workdir: Path) -> BootstrapResult:
             "or --to docker://REGISTRY/NAME:TAG or --to containers-storage:NAME:TAG",
         )
     platform = spec.platform or host_platform()
-    arch = DEBIAN_ARCH.get(platform.architecture)
-    if arch is None:
+    known = Arch.lookup(platform.architecture)
+    if known is None:
         raise UsageError(f"no Debian architecture for platform {platform}")
+    arch = known.debian
     tarball = workdir / "rootfs.tar"
     argv = [
         "mmdebstrap",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
+from oci2disk.arch import Arch
 from oci2disk.errors import ImageError
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -387,16 +388,10 @@ def load_manifest(layout: Path, desc: Descriptor) -> OciImage:
 
 
 def host_platform() -> Platform:
-    machine = os.uname().machine
-    arch = {
-        "x86_64": "amd64",
-        "aarch64": "arm64",
-        "armv7l": "arm",
-        "ppc64le": "ppc64le",
-        "s390x": "s390x",
-        "riscv64": "riscv64",
-    }.get(machine, machine)
-    return Platform("linux", arch, "v8" if arch == "arm64" else "")
+    arch = Arch.lookup(os.uname().machine)
+    if arch is None:
+        return Platform("linux", os.uname().machine)
+    return Platform("linux", arch.oci, arch.variant)
 
 
 # ---------------------------------------------------------------- writing layouts
