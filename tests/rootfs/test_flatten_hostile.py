@@ -411,3 +411,25 @@ def test_memory_per_entry_is_small(tmp_path: Path) -> None:
     large = run_bomb(tmp_path / "large", dirs=100, files_per_dir=500)
     per_entry = (large["peak_rss_mib"] - small["peak_rss_mib"]) * 2**20 / 49_000
     assert per_entry < 300, (small, large)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("uid", 2**32 + 5, "uid 4294967301 is outside 0..4294967295"),
+        ("gid", 2**40, "gid 1099511627776 is outside 0..4294967295"),
+    ],
+)
+def test_ids_beyond_32_bits_are_refused_not_wrapped(
+    tmp_path: Path, field: str, value: int, why: str
+) -> None:
+    """PAX carries any decimal; 2**32 + 5 must not become uid 5, nor 2**40 root's group."""
+    member = file("etc/shadow", b"secret")
+    setattr(member.info, field, value)  # tarfile writes it as a PAX record
+    refused(tmp_path, [[file("ok", b"")], [member]], "'etc/shadow'", why)
+
+
+def test_a_negative_pax_size_is_refused(tmp_path: Path) -> None:
+    member = file("f", b"")
+    member.info.pax_headers = {"size": "-5"}
+    refused(tmp_path, [[member]], "'f'", "size -5 is negative")

@@ -62,6 +62,7 @@ DOCKERENV = b".dockerenv"
 # One entry's headers (PAX records, GNU long names, sparse maps) may not exceed this:
 # a hostile layer must not make the flattener allocate what it likes.
 HEADER_LIMIT = 16 << 20
+ID_MAX = 0xFFFFFFFF  # uid_t and gid_t are 32 bits
 
 _TAR_KINDS = {
     tarfile.REGTYPE: Kind.FILE,
@@ -215,6 +216,7 @@ class _Builder:
         if parts and parts[-1].startswith(WHITEOUT):
             self.whiteout(name, parts)
             return
+        self.check_numbers(info)
         if info.type == tarfile.LNKTYPE:
             self.hardlink(info, parts)
             return
@@ -234,6 +236,22 @@ class _Builder:
             self.set_dir(existing, node)  # "the existing path's attributes MUST be replaced"
         else:
             parent.children[base] = node
+
+    def check_numbers(self, info: tarfile.TarInfo) -> None:
+        """PAX headers carry any decimal: an id outside 32 bits would wrap to another
+        owner (2**32 + 5 to 5, 2**40 to root) in every filesystem and archive written."""
+        for what, value in (("uid", info.uid), ("gid", info.gid)):
+            if not 0 <= value <= ID_MAX:
+                raise self.fail(
+                    info.name,
+                    f"its {what} {value} is outside 0..{ID_MAX}, which no filesystem can hold",
+                    hint="the layer is corrupt or hostile; rebuild the image",
+                )
+        if info.size < 0:
+            raise self.fail(info.name, f"its size {info.size} is negative")
+        for what, value in (("major", info.devmajor), ("minor", info.devminor)):
+            if not 0 <= value <= ID_MAX:
+                raise self.fail(info.name, f"its device {what} number {value} is out of range")
 
     def node(self, info: tarfile.TarInfo, kind: Kind, next_header: int) -> Node:
         linkname = info.linkname if kind is Kind.SYMLINK else ""
