@@ -17,7 +17,17 @@ from oci2disk.refs import ImageRef, Transport
 
 
 def open_image(ref: ImageRef, workdir: Path, platform: Platform | None = None) -> OciImage:
-    """Return ``ref`` as an OciImage; copies land in ``workdir`` only when needed."""
+    """Return ``ref`` as an OciImage; copies land in ``workdir`` only when needed.
+
+    With ``platform``, an image for another platform is an error whatever the
+    transport: a single-image layout or archive has no index to choose from, and
+    converting it anyway would give a disk for the wrong machine.
+    """
+    image = _open(ref, workdir, platform)
+    return transports.check_platform(image, platform, str(ref))
+
+
+def _open(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
     if ref.transport is Transport.OCI:
         return open_layout(ref.path, ref.tag, platform)
     if ref.transport is Transport.DOCKER_DAEMON:
