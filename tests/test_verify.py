@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 
 from oci2disk import run
+from oci2disk.diskimage.extfs import ExtFs, open_filesystem
 from oci2disk.errors import VerifyError
-from oci2disk.extfs import ExtFs, open_filesystem
-from oci2disk.verify import (
-    Difference,
-    Record,
-    compare,
-    fsck,
-    records_from_extfs,
-    records_from_tar,
-)
+from oci2disk.rootfs import Entry, Kind, with_digests
+from oci2disk.rootfs.archives import TarTree
+from oci2disk.verify import Difference, compare, fsck
 
 MTIME = 1_700_000_000
 MIB = 1 << 20
@@ -122,22 +117,21 @@ def rootfs_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tar(tmp_path_factory.mktemp("tar") / "rootfs.tar", rootfs_entries())
 
 
-def tar_records(tar: Path) -> list[Record]:
-    with tar.open("rb") as stream:
-        return list(records_from_tar(stream))
+def tar_records(tar: Path) -> list[Entry]:
+    return list(TarTree(tar).entries())
 
 
-def fs_records(image: Path | str, offset: int = 0) -> list[Record]:
+def fs_records(image: Path | str, offset: int = 0) -> list[Entry]:
     with ExtFs(Path(image), offset) as fs:
-        return list(records_from_extfs(fs))
+        return list(with_digests(fs))
 
 
-def test_records_from_tar(rootfs_tar: Path) -> None:
+def test_tar_tree(rootfs_tar: Path) -> None:
     records = {record.path: record for record in tar_records(rootfs_tar)}
     assert "." in records and "./bin" not in records and "bin" in records
     hello, link = records["data/hello"], records["data/hello-link"]
-    assert link.kind == "file"
-    assert link.sha256 == hello.sha256 == hashlib.sha256(HELLO).hexdigest()
+    assert link.kind is Kind.FILE
+    assert link.digest == hello.digest == hashlib.sha256(HELLO).hexdigest()
     assert (link.size, link.mode, link.uid, link.gid) == (len(HELLO), 0o640, 33, 33)
     assert hello.link_group == link.link_group == "data/hello"
     assert records["etc/hostname"].link_group == ""
@@ -148,16 +142,16 @@ def test_records_from_tar(rootfs_tar: Path) -> None:
         records["dev/dm-0"].devmajor,
         records["dev/dm-0"].devminor,
     ) == (
-        "block",
+        Kind.BLOCK,
         253,
         300,
     )
     assert records["bin/sh"].linkname == "dash"
-    assert records[NON_UTF8].sha256 == hashlib.sha256(b"latin-1 name\n").hexdigest()
+    assert records[NON_UTF8].digest == hashlib.sha256(b"latin-1 name\n").hexdigest()
     assert (records["srv/wide"].uid, records["srv/wide"].gid) == (100000, 4000000000)
 
 
-def test_records_from_tar_reads_a_pipe(rootfs_tar: Path) -> None:
+def test_tar_tree_reads_a_pipe(rootfs_tar: Path) -> None:
     class Pipe(io.RawIOBase):
         """Not seekable, like the stdout of a flattener."""
 
@@ -171,10 +165,10 @@ def test_records_from_tar_reads_a_pipe(rootfs_tar: Path) -> None:
             return self._data.readinto(buffer)
 
     pipe = io.BufferedReader(Pipe(rootfs_tar.read_bytes()))
-    assert list(records_from_tar(pipe)) == tar_records(rootfs_tar)
+    assert list(TarTree.from_stream(pipe).entries()) == tar_records(rootfs_tar)
 
 
-def test_records_from_tar_rejects_dangling_hard_link(tmp_path: Path) -> None:
+def test_tar_tree_rejects_dangling_hard_link(tmp_path: Path) -> None:
     tar = write_tar(tmp_path / "bad.tar", [entry("b", tarfile.LNKTYPE, linkname="a")])
     with pytest.raises(VerifyError, match="hard link to 'a'"):
         tar_records(tar)
@@ -204,7 +198,7 @@ def test_disk_with_partition_table_matches(tmp_path: Path, rootfs_tar: Path) -> 
     run.run(["sfdisk", "-q", str(disk)], input=b"label: gpt\nstart=2048, type=linux\n")
     mke2fs(disk, rootfs_tar, "-E", "offset=1048576")
     with open_filesystem(disk) as fs:
-        actual = list(records_from_extfs(fs))
+        actual = list(with_digests(fs))
     assert compare(tar_records(rootfs_tar), actual, ignore=["/lost+found/"]) == []
     fsck(disk, MIB)
 
@@ -342,22 +336,22 @@ def test_catches_the_mke2fs_hard_link_trap(tmp_path: Path) -> None:
     ]
 
 
-def record(path: str, kind: str = "file", **changes: object) -> Record:
+def record(path: str, kind: str = "file", **changes: object) -> Entry:
     fields: dict[str, object] = {
         "path": path,
-        "kind": kind,
+        "kind": Kind(kind),
         "mode": 0o644,
         "uid": 0,
         "gid": 0,
         "size": 0,
-        "sha256": "",
+        "digest": "",
         "linkname": "",
         "devmajor": 0,
         "devminor": 0,
         "xattrs": (),
     }
     fields.update(changes)
-    return Record(**fields)  # type: ignore[arg-type]
+    return Entry(**fields)  # type: ignore[arg-type]
 
 
 def test_compare_rules() -> None:
@@ -365,15 +359,15 @@ def test_compare_rules() -> None:
         record(".", "dir", mode=0o755),
         record("d", "dir", size=0),
         record("l", "symlink", mode=0o777, linkname="t"),
-        record("f", size=3, sha256="aa"),
-        record("g", size=3, sha256="aa"),
+        record("f", size=3, digest="aa"),
+        record("g", size=3, digest="aa"),
     ]
     actual = [
         # Directory sizes and symlink permission bits differ between tools: not compared.
         record("d", "dir", size=4096),
         record("l", "symlink", mode=0o755, linkname="t"),
         # A size difference already says the content differs.
-        record("f", size=4, sha256="bb"),
+        record("f", size=4, digest="bb"),
         record("g", "dir", mode=0o700, uid=5),
     ]
     # A tar without "." says nothing about the root, and a fs without it cannot exist.
@@ -408,7 +402,7 @@ def test_fsck_a_partition(tmp_path: Path, rootfs_tar: Path) -> None:
 
 
 def walk_paths(fs: ExtFs) -> Iterator[str]:
-    return (entry.path for entry in fs.walk())
+    return (entry.path for entry in fs.entries())
 
 
 def test_non_utf8_name_round_trip(tmp_path: Path, rootfs_tar: Path) -> None:

@@ -1,56 +1,42 @@
-"""Compare what an artifact holds with the rootfs it was made from.
+"""Read an artifact back and compare what it holds with the rootfs it was made from.
 
-Both sides become :class:`Record` streams (one per path: type, mode, owner, size,
-content hash, link target, device numbers, xattrs, hard-link group), and
-:func:`compare` lists every :class:`Difference`. Content is compared by sha256, not by
-name, so silent losses such as ``mke2fs -d`` turning a hard link into an empty file
-(see DESIGN.md, "Known traps") show up.
+Each kind of artifact has one reader in :data:`READERS` that opens it as a rootfs
+:class:`~oci2disk.rootfs.Tree`: a disk or filesystem image (any format qemu-img reads;
+its ext filesystem is read without mounting and checked with ``e2fsck -fn``), a newc
+cpio, a tar, or a directory. The expected side is the flattened image itself. Both
+sides go through :func:`~oci2disk.rootfs.with_digests`, and :func:`compare` lists every
+:class:`Difference` of kind, mode, owner, size, content hash, link target, device
+numbers, xattrs or hard-link set. Content is compared by sha256, so silent losses such
+as ``mke2fs -d`` turning a hard link into an empty file show up.
 
-Host tools: e2fsck (for :func:`fsck` only).
+Host tools: e2fsck (disks), qemu-img (disks not in raw format).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import enum
 import os
-import tarfile
-import urllib.parse
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, BinaryIO
 
-from oci2disk import run
+from oci2disk import manifest, run
+from oci2disk.compression import open_decompressed
+from oci2disk.diskimage import extfs, qemuimg
 from oci2disk.errors import VerifyError
-from oci2disk.extfs import ExtFs
+from oci2disk.oci.layout import Platform
+from oci2disk.oci.source import open_image
+from oci2disk.progress import SILENT, Progress
+from oci2disk.refs import parse_ref
+from oci2disk.rootfs import Entry, Kind, Tree, normalize_path, with_digests
+from oci2disk.rootfs.archives import CpioTree, TarTree
+from oci2disk.rootfs.directory import DirectoryTree
+from oci2disk.workspace import Workspace
 
-CHUNK = 1 << 20
-SCHILY_XATTR = "SCHILY.xattr."
-LIBARCHIVE_XATTR = "LIBARCHIVE.xattr."
 # Longest xattr value shown in a Difference; longer ones are cut and marked.
 XATTR_SHOWN = 64
-
-
-@dataclass(frozen=True)
-class Record:
-    """One path of a rootfs as the comparison sees it."""
-
-    path: str  # "." for the root, else relative without a leading "./"
-    kind: str  # file, dir, symlink, char, block, fifo, socket
-    mode: int  # permission bits (& 0o7777)
-    uid: int
-    gid: int
-    size: int
-    sha256: str  # "" unless kind == "file"
-    linkname: str  # symlink target
-    devmajor: int
-    devminor: int
-    xattrs: tuple[tuple[str, bytes], ...]
-    # Paths that are hard links of each other share a non-empty link_group; its value is
-    # a name for the set (one of its paths), so only membership is ever compared.
-    link_group: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,153 +50,7 @@ class Difference:
         return f"{self.path}: {self.what}: expected {self.expected!r}, found {self.actual!r}"
 
 
-def normalize_path(name: str) -> str:
-    """ "./etc/", "/etc" and "etc" all become "etc"; the root becomes "."."""
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    return "/".join(parts) or "."
-
-
-# -- tar side ---------------------------------------------------------------------------
-
-
-def _tar_kind(member: tarfile.TarInfo) -> str:
-    if member.isreg():
-        return "file"
-    if member.isdir():
-        return "dir"
-    if member.issym():
-        return "symlink"
-    if member.ischr():
-        return "char"
-    if member.isblk():
-        return "block"
-    if member.isfifo():
-        return "fifo"
-    raise VerifyError(
-        f"tar entry {member.name!r} has type {member.type!r}, which no filesystem can hold"
-    )
-
-
-def _tar_xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
-    found: dict[str, bytes] = {}
-    for key, value in member.pax_headers.items():
-        if key.startswith(SCHILY_XATTR):
-            # tarfile decodes PAX values as UTF-8 with surrogateescape: undo it exactly.
-            found[key[len(SCHILY_XATTR) :]] = value.encode("utf-8", "surrogateescape")
-    for key, value in member.pax_headers.items():
-        if key.startswith(LIBARCHIVE_XATTR):
-            name = urllib.parse.unquote_to_bytes(key[len(LIBARCHIVE_XATTR) :])
-            found.setdefault(
-                name.decode("utf-8", "surrogateescape"),
-                base64.b64decode(value.encode("ascii", "surrogateescape") + b"=="),
-            )
-    return tuple(sorted(found.items()))
-
-
-def _sha256_of(stream: IO[bytes]) -> str:
-    digest = hashlib.sha256()
-    while chunk := stream.read(CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def records_from_tar(stream: BinaryIO) -> Iterator[Record]:
-    """The records of a rootfs tar, read once as a stream, in the order of the tar.
-
-    A hard-link entry becomes a record of its target's kind with the target's content
-    hash, size and metadata. A path that appears twice keeps its last entry. The records
-    are produced after the whole tar is read, because only then is every link set known.
-    """
-    records: dict[str, Record] = {}
-    group_of: dict[str, str] = {}
-    try:
-        with tarfile.open(
-            fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
-        ) as archive:
-            for member in archive:
-                path = normalize_path(member.name)
-                group_of.pop(path, None)
-                if member.islnk():
-                    target = normalize_path(member.linkname)
-                    if target not in records:
-                        raise VerifyError(
-                            f"tar entry {path!r} is a hard link to {target!r}, "
-                            "which does not come before it in the tar"
-                        )
-                    root = group_of.setdefault(target, target)
-                    group_of[path] = root
-                    records[path] = replace(records[target], path=path)
-                    continue
-                kind = _tar_kind(member)
-                sha256 = ""
-                size = 0
-                if kind == "file":
-                    content = archive.extractfile(member)
-                    if content is None:
-                        raise VerifyError(f"tar entry {path!r} has no readable content")
-                    sha256 = _sha256_of(content)
-                    size = member.size
-                elif kind == "symlink":
-                    size = len(member.linkname.encode("utf-8", "surrogateescape"))
-                records[path] = Record(
-                    path=path,
-                    kind=kind,
-                    mode=member.mode & 0o7777,
-                    uid=member.uid,
-                    gid=member.gid,
-                    size=size,
-                    sha256=sha256,
-                    linkname=member.linkname if kind == "symlink" else "",
-                    devmajor=member.devmajor if kind in ("char", "block") else 0,
-                    devminor=member.devminor if kind in ("char", "block") else 0,
-                    xattrs=_tar_xattrs(member),
-                )
-    except tarfile.TarError as exc:
-        raise VerifyError(f"cannot read the tar stream: {exc}") from exc
-    members: dict[str, int] = defaultdict(int)
-    for root in group_of.values():
-        members[root] += 1
-    for path, record in records.items():
-        root = group_of.get(path, "")
-        yield replace(record, link_group=root) if members.get(root, 0) > 1 else record
-
-
-# -- filesystem side --------------------------------------------------------------------
-
-
-def records_from_extfs(fs: ExtFs) -> Iterator[Record]:
-    """The records of every path of ``fs`` (walk order), content hashed once per inode."""
-    entries = list(fs.walk())
-    paths_of: dict[int, list[str]] = defaultdict(list)
-    for entry in entries:
-        if entry.kind != "dir":
-            paths_of[entry.inode].append(entry.path)
-    digests: dict[int, str] = {}
-    for entry in entries:
-        sha256 = ""
-        if entry.kind == "file":
-            sha256 = digests.get(entry.inode, "")
-            if not sha256:
-                with fs.open(entry) as content:
-                    sha256 = digests[entry.inode] = _sha256_of(content)
-        paths = paths_of.get(entry.inode, [])
-        yield Record(
-            path=entry.path,
-            kind=entry.kind,
-            mode=entry.mode,
-            uid=entry.uid,
-            gid=entry.gid,
-            size=entry.size,
-            sha256=sha256,
-            linkname=entry.linkname,
-            devmajor=entry.devmajor,
-            devminor=entry.devminor,
-            xattrs=entry.xattrs,
-            link_group=min(paths) if len(paths) > 1 else "",
-        )
-
-
-# -- comparison -------------------------------------------------------------------------
+# ---------------------------------------------------------------- comparison
 
 
 def _is_ignored(path: str, ignored: set[str]) -> bool:
@@ -220,22 +60,22 @@ def _is_ignored(path: str, ignored: set[str]) -> bool:
     return any("/".join(parts[:i]) in ignored for i in range(1, len(parts)))
 
 
-def _index(records: Iterable[Record], ignored: set[str]) -> dict[str, Record]:
-    indexed: dict[str, Record] = {}
-    for record in records:
-        path = normalize_path(record.path)
+def _index(entries: Iterable[Entry], ignored: set[str]) -> dict[str, Entry]:
+    indexed: dict[str, Entry] = {}
+    for entry in entries:
+        path = normalize_path(entry.path)
         if not _is_ignored(path, ignored):
-            indexed[path] = record
+            indexed[path] = entry
     return indexed
 
 
-def _link_sets(indexed: dict[str, Record], common: set[str]) -> dict[str, frozenset[str]]:
+def _link_sets(indexed: dict[str, Entry], common: set[str]) -> dict[str, frozenset[str]]:
     # Only paths present on both sides count: a missing path is reported as missing,
     # not again as a broken link on each of its siblings.
     groups: dict[str, set[str]] = defaultdict(set)
-    for path, record in indexed.items():
-        if record.link_group and path in common:
-            groups[record.link_group].add(path)
+    for path, entry in indexed.items():
+        if entry.link_group and path in common:
+            groups[entry.link_group].add(path)
     return {path: frozenset(members) for members in groups.values() for path in members}
 
 
@@ -257,27 +97,27 @@ def _format_links(path: str, members: frozenset[str] | None) -> str:
     return ", ".join(others) if others else "(no other links)"
 
 
-def _compare_one(e: Record, a: Record) -> Iterator[Difference]:
+def _compare_one(e: Entry, a: Entry) -> Iterator[Difference]:
     path = e.path
-    if e.kind != a.kind:
+    if e.kind is not a.kind:
         # Nothing else is comparable between, say, a file and a directory.
-        yield Difference(path, "kind", e.kind, a.kind)
+        yield Difference(path, "kind", e.kind.value, a.kind.value)
         return
     # Linux ignores a symlink's permission bits and tools disagree on them (0777 or the
     # tar's), so they are not compared.
-    if e.kind != "symlink" and e.mode != a.mode:
+    if e.kind is not Kind.SYMLINK and e.mode != a.mode:
         yield Difference(path, "mode", f"{e.mode:04o}", f"{a.mode:04o}")
     if (e.uid, e.gid) != (a.uid, a.gid):
         yield Difference(path, "owner", f"{e.uid}:{e.gid}", f"{a.uid}:{a.gid}")
-    if e.kind == "file":
+    if e.kind is Kind.FILE:
         # Directory sizes depend on the filesystem, not the content: never compared.
         if e.size != a.size:
             yield Difference(path, "size", str(e.size), str(a.size))
-        elif e.sha256 != a.sha256:
-            yield Difference(path, "content", e.sha256, a.sha256)
-    if e.kind == "symlink" and e.linkname != a.linkname:
+        elif e.digest != a.digest:
+            yield Difference(path, "content", e.digest, a.digest)
+    if e.kind is Kind.SYMLINK and e.linkname != a.linkname:
         yield Difference(path, "linkname", e.linkname, a.linkname)
-    if e.kind in ("char", "block") and (e.devmajor, e.devminor) != (a.devmajor, a.devminor):
+    if e.kind.is_device and (e.devmajor, e.devminor) != (a.devmajor, a.devminor):
         yield Difference(path, "device", f"{e.devmajor}:{e.devminor}", f"{a.devmajor}:{a.devminor}")
     if tuple(sorted(e.xattrs)) != tuple(sorted(a.xattrs)):
         yield Difference(
@@ -289,12 +129,12 @@ def _compare_one(e: Record, a: Record) -> Iterator[Difference]:
 
 
 def compare(
-    expected: Iterable[Record],
-    actual: Iterable[Record],
+    expected: Iterable[Entry],
+    actual: Iterable[Entry],
     *,
     ignore: Collection[str] = (),
 ) -> list[Difference]:
-    """Every difference between two record streams, sorted by path.
+    """Every difference between two entry streams (with digests), sorted by path.
 
     ``ignore`` names paths to skip together with everything below them ("lost+found",
     "etc/fstab"). Per path: a ``kind`` difference hides the others; a file's ``size``
@@ -322,9 +162,9 @@ def compare(
             if path == ".":
                 continue
             if a is None and e is not None:
-                differences.append(Difference(path, "missing", e.kind, ""))
+                differences.append(Difference(path, "missing", e.kind.value, ""))
             elif a is not None:
-                differences.append(Difference(path, "extra", "", a.kind))
+                differences.append(Difference(path, "extra", "", a.kind.value))
             continue
         e, a = replace(e, path=path), replace(a, path=path)
         found = list(_compare_one(e, a))
@@ -352,3 +192,132 @@ def fsck(image: Path, offset: int) -> None:
             f"(exit code {proc.returncode}):\n{run.tail(output.decode('utf-8', 'replace'))}",
             hint="the image is damaged or was written incompletely; rebuild it",
         )
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+class ArtifactKind(enum.Enum):
+    DISK = "disk"  # a disk or bare filesystem image, any format qemu-img reads
+    TAR = "tar"
+    CPIO = "cpio"
+    DIR = "dir"
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What a reader may need: the partition to read, where to put temporary files."""
+
+    workdir: Path
+    partition: int | None = None
+    progress: Progress = SILENT
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How to open one kind of artifact as a Tree, and what that kind cannot hold."""
+
+    open: Callable[[Path, ReadOptions], AbstractContextManager[Tree]]
+    has_xattrs: bool = True  # newc cpio has no field for them
+    made_paths: tuple[str, ...] = ()  # paths the writer adds itself (mke2fs: lost+found)
+
+
+@contextmanager
+def open_disk(artifact: Path, options: ReadOptions) -> Iterator[Tree]:
+    """The ext filesystem of a disk image of any format, checked with ``e2fsck -fn``."""
+    raw = artifact
+    if qemuimg.image_format(artifact) != qemuimg.RAW:
+        raw = options.workdir / "artifact.raw"
+        with options.progress.step(f"reading {artifact.name} with qemu-img"):
+            qemuimg.convert_to_raw(artifact, raw)
+    with extfs.open_filesystem(raw, options.partition) as fs:
+        with options.progress.step("e2fsck -fn"):
+            fsck(raw, fs.offset)
+        yield fs
+
+
+@contextmanager
+def open_tar(artifact: Path, options: ReadOptions) -> Iterator[Tree]:
+    yield TarTree(artifact)
+
+
+@contextmanager
+def open_cpio(artifact: Path, options: ReadOptions) -> Iterator[Tree]:
+    yield CpioTree(artifact)
+
+
+@contextmanager
+def open_directory(artifact: Path, options: ReadOptions) -> Iterator[Tree]:
+    yield DirectoryTree(artifact)
+
+
+READERS: dict[ArtifactKind, Reader] = {
+    ArtifactKind.DISK: Reader(open_disk, made_paths=("lost+found",)),
+    ArtifactKind.TAR: Reader(open_tar),
+    ArtifactKind.CPIO: Reader(open_cpio, has_xattrs=False),
+    ArtifactKind.DIR: Reader(open_directory),
+}
+
+
+def artifact_kind(path: Path) -> ArtifactKind:
+    """What ``path`` is, by its content: a directory, a cpio, a tar, else a disk."""
+    if path.is_dir():
+        return ArtifactKind.DIR
+    with open_decompressed(path) as stream:
+        head = stream.read(512)
+    if head.startswith((b"070701", b"070702")):
+        return ArtifactKind.CPIO
+    if head[257:262] == b"ustar":
+        return ArtifactKind.TAR
+    return ArtifactKind.DISK
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    differences: tuple[Difference, ...]
+    ignored: tuple[str, ...]
+    checked: int
+
+    @property
+    def equal(self) -> bool:
+        return not self.differences
+
+
+def verify_artifact(
+    artifact: Path,
+    source: str,
+    *,
+    ignore: tuple[str, ...] = (),
+    partition: int | None = None,
+    platform: Platform | None = None,
+    progress: Progress = SILENT,
+) -> VerifyReport:
+    """``oci2disk verify``: what ``artifact`` holds against the flattened ``source``.
+
+    Paths the artifact's manifest lists as generated (etc/fstab) and those its writer
+    makes itself (lost+found) are ignored, with ``ignore``.
+    """
+    from oci2disk.rootfs.flatten import flatten
+
+    if not artifact.exists():
+        raise VerifyError(f"{artifact}: no such file or directory")
+    known = manifest.find_for_artifact(artifact)
+    kind = artifact_kind(artifact)
+    reader = READERS[kind]
+    ignored = (*reader.made_paths, *(known.generated if known else ()), *ignore)
+    ref = parse_ref(source)
+    with Workspace() as ws:
+        with progress.step(f"opening {ref}"):
+            image = open_image(ref, ws.path, platform)
+        with progress.step(f"reading {len(image.layers)} layer(s) of {image.digest[:19]}"):
+            rootfs = flatten(image, ws.subdir("flatten"))
+        with rootfs, progress.step("hashing the image's files"):
+            expected = list(with_digests(rootfs))
+        if not reader.has_xattrs:
+            expected = [replace(e, xattrs=()) for e in expected]
+        options = ReadOptions(ws.subdir("read"), partition, progress)
+        with progress.step(f"reading the {kind.value}"), reader.open(artifact, options) as tree:
+            actual = list(with_digests(tree))
+        with progress.step("comparing every path"):
+            differences = compare(expected, actual, ignore=ignored)
+    return VerifyReport(tuple(differences), ignored, len(expected))

@@ -9,8 +9,10 @@ nanosecond mtimes and extended attributes (in the inode, in an external block, o
 an EA inode). It reads with positioned reads, so an image of any size costs only the
 blocks it touches.
 
-Also here: :func:`find_partitions` (MBR and GPT tables in a disk file) and
-:func:`open_filesystem` (pick the filesystem of a disk or a bare filesystem image).
+:class:`ExtFs` is a :class:`~oci2disk.rootfs.model.Tree`: ``entries()`` in canonical
+order, ``lookup()`` and ``open()``, so ``verify`` and ``boot`` read it as they read any
+other rootfs. :func:`open_filesystem` picks the filesystem of a disk (through
+:mod:`oci2disk.diskimage.partitions`) or of a bare filesystem image.
 
 Host tools: none.
 """
@@ -22,16 +24,16 @@ import logging
 import os
 import struct
 import uuid
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+from oci2disk.bytestreams import RunReader
+from oci2disk.diskimage import partitions
 from oci2disk.errors import VerifyError
-from oci2disk.filetypes import kind_of
-from oci2disk.runs import RunReader
+from oci2disk.rootfs.model import ENCODING, ERRORS, Entry, Kind, normalize_path
 
 log = logging.getLogger("oci2disk.extfs")
 
@@ -44,7 +46,6 @@ EXTENT_MAGIC = 0xF30A
 EXTENT_INIT_MAX_LEN = 32768
 N_BLOCKS_BYTES = 60  # i_block: 15 little-endian u32
 MAX_EXTENT_DEPTH = 5
-READ_CHUNK = 1 << 20
 DIR_CACHE_SIZE = 64  # directories whose listings lookup() keeps
 
 # Superblock feature bits (names as dumpe2fs prints them).
@@ -114,7 +115,6 @@ INCOMPAT_EXT23 = INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_BG
 RO_COMPAT_EXT23 = 0x1 | 0x2 | 0x4
 
 # Inode flags.
-FL_INDEX = 0x1000
 FL_HUGE_FILE = 0x40000
 FL_EXTENTS = 0x80000
 FL_EA_INODE = 0x200000
@@ -141,78 +141,6 @@ ACL_UNDEFINED_ID = 0xFFFFFFFF
 EXT4_ACL_VERSION = 1
 VFS_ACL_VERSION = 2
 
-# Partition types.
-MBR_EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
-MBR_LINUX_TYPE = 0x83
-MBR_GPT_PROTECTIVE = 0xEE
-GPT_LINUX_DATA = "0fc63daf-8483-4772-8e79-3d69d8477de4"
-# Discoverable Partitions Specification root types: preferred over generic Linux data.
-GPT_ROOT_TYPES = frozenset(
-    {
-        "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",  # x86-64
-        "44479540-f297-41b2-9af7-d131d5f0458a",  # x86
-        "b921b045-1df0-41c3-af44-4c6f280d3fae",  # arm64
-        "69dad710-2ce4-4e3c-b16c-21a1d49abed3",  # arm
-        "72ec70a6-cf74-40e6-bd49-4bda08e8f224",  # riscv64
-        "60d5a7fe-8e7d-435c-b714-3dd8162144e1",  # riscv32
-        "1de3f1ef-fa98-47b5-8dcd-4a860a654d78",  # ppc64le
-        "d13c5d3b-b5d1-422a-b29f-9454fdc89d76",  # s390x
-        "77055800-792c-4f94-b39a-98c91b762bb6",  # loongarch64
-    }
-)
-GPT_LINUX_TYPES = GPT_ROOT_TYPES | {
-    GPT_LINUX_DATA,
-    "8484680c-9521-48c6-9c11-b0720656f69e",  # /usr x86-64
-    "b0e01050-ee5f-4390-949a-9101b17104e9",  # /usr arm64
-    "933ac7e1-2eb4-4f13-b844-0e14e2aef915",  # /home
-    "3b8f8425-20e0-4f3b-907f-1a25a76f98e8",  # /srv
-    "4d21b016-b534-45c2-a9fb-5c16e091fd2d",  # /var
-}
-SECTOR = 512
-
-
-@dataclass(frozen=True)
-class ExtEntry:
-    """One path of the filesystem with the metadata a rootfs tar would carry."""
-
-    path: str
-    inode: int
-    kind: str
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime: float
-    nlink: int
-    linkname: str
-    devmajor: int
-    devminor: int
-    xattrs: tuple[tuple[str, bytes], ...]
-    # The exact mtime; ``mtime`` is the same value as a float, which loses precision.
-    mtime_ns: int = 0
-
-
-@dataclass(frozen=True)
-class Partition:
-    """One partition of an MBR or GPT table, in bytes from the start of the disk file."""
-
-    number: int
-    start: int
-    size: int
-    type: str  # MBR: "0x83"; GPT: the type GUID, lower case
-    table: str  # "mbr" or "gpt"
-    name: str = ""
-
-    @property
-    def is_linux(self) -> bool:
-        if self.table == "mbr":
-            return self.type == f"0x{MBR_LINUX_TYPE:02x}"
-        return self.type in GPT_LINUX_TYPES
-
-    @property
-    def is_root(self) -> bool:
-        return self.table == "gpt" and self.type in GPT_ROOT_TYPES
-
 
 @dataclass(frozen=True)
 class _Inode:
@@ -230,8 +158,8 @@ class _Inode:
     extra_isize: int
 
     @property
-    def kind(self) -> str:
-        return kind_of(self.mode) or "unknown"
+    def kind(self) -> Kind | None:
+        return Kind.from_mode(self.mode)
 
     @property
     def i_block(self) -> bytes:
@@ -245,9 +173,6 @@ class _Run:
     logical: int
     count: int
     physical: int
-
-
-PathOrInode = str | int | ExtEntry
 
 
 class ExtFs:
@@ -269,6 +194,7 @@ class ExtFs:
         self._desc_cache: dict[int, int] = {}
         self._xattr_block_cache: dict[int, list[tuple[str, bytes]]] = {}
         self._dir_cache: dict[int, dict[bytes, int]] = {}
+        self._groups: dict[int, str] | None = None  # inode -> its first name, once walked
         try:
             self._load_superblock()
         except BaseException:
@@ -412,9 +338,6 @@ class ExtFs:
         if block >= self.blocks_count:
             raise self._corrupt(f"block {block} is beyond the end ({self.blocks_count} blocks)")
         return self._pread(block * self.block_size, self.block_size, what=f"block {block}")
-
-    def _read_blocks(self, block: int, length: int) -> bytes:
-        return self._pread(block * self.block_size, length, what=f"block {block}")
 
     # -- group descriptors and inodes -----------------------------------------------
 
@@ -751,14 +674,10 @@ class ExtFs:
 
     # -- public API ------------------------------------------------------------------
 
-    def _resolve(self, what: PathOrInode) -> _Inode:
-        if isinstance(what, ExtEntry):
-            return self._inode(what.inode)
-        if isinstance(what, int):
-            return self._inode(what)
-        number = self._lookup_number(what)
+    def _resolve(self, path: str) -> _Inode:
+        number = self._lookup_number(path)
         if number is None:
-            raise VerifyError(f"{self.path}: no such path in the filesystem: {what}")
+            raise VerifyError(f"{self.path}: no such path in the filesystem: {path}")
         return self._inode(number)
 
     def _lookup_number(self, path: str) -> int | None:
@@ -767,9 +686,9 @@ class ExtFs:
             if part in ("", "."):
                 continue
             inode = self._inode(number)
-            if inode.kind != "dir":
+            if inode.kind is not Kind.DIR:
                 return None
-            found = self._directory(inode).get(part.encode("utf-8", "surrogateescape"))
+            found = self._directory(inode).get(part.encode(ENCODING, ERRORS))
             if found is None:
                 return None
             number = found
@@ -785,15 +704,15 @@ class ExtFs:
             del self._dir_cache[next(iter(self._dir_cache))]
         return cached
 
-    def _entry(self, path: str, inode: _Inode) -> ExtEntry:
+    def _entry(self, path: str, inode: _Inode) -> Entry:
         kind = inode.kind
-        if kind == "unknown":
+        if kind is None:
             raise self._corrupt(f"inode {inode.number} ({path}) has mode 0o{inode.mode:o}")
         linkname = ""
         major = minor = 0
-        if kind == "symlink":
-            linkname = self._symlink_target(inode).decode("utf-8", "surrogateescape")
-        elif kind in ("char", "block"):
+        if kind is Kind.SYMLINK:
+            linkname = self._symlink_target(inode).decode(ENCODING, ERRORS)
+        elif kind.is_device:
             word0, word1 = struct.unpack_from("<II", inode.i_block, 0)
             if word0:  # old encoding: 8-bit major and minor
                 major, minor = (word0 >> 8) & 0xFF, word0 & 0xFF
@@ -801,23 +720,18 @@ class ExtFs:
                 major = (word1 & 0xFFF00) >> 8
                 minor = (word1 & 0xFF) | ((word1 >> 12) & 0xFFF00)
         xattrs = tuple(sorted((n, v) for n, v in self._raw_xattrs(inode) if n != INLINE_DATA_XATTR))
-        # Whole seconds plus the fraction: mtime_ns / 1e9 would turn .25 into .2499998.
-        seconds, nanoseconds = divmod(inode.mtime_ns, 1_000_000_000)
-        return ExtEntry(
+        return Entry(
             path=path,
-            inode=inode.number,
             kind=kind,
             mode=inode.mode & 0o7777,
             uid=inode.uid,
             gid=inode.gid,
             size=inode.size,
-            mtime=seconds + nanoseconds / 1e9,
-            nlink=inode.nlink,
+            mtime_ns=inode.mtime_ns,
             linkname=linkname,
             devmajor=major,
             devminor=minor,
             xattrs=xattrs,
-            mtime_ns=inode.mtime_ns,
         )
 
     def _children(self, path: str, inode: _Inode) -> list[tuple[str, int]]:
@@ -830,15 +744,12 @@ class ExtFs:
             children.append((name, number))
         children.sort()
         prefix = "" if path == "." else path + "/"
-        return [(prefix + n.decode("utf-8", "surrogateescape"), i) for n, i in children]
+        return [(prefix + n.decode(ENCODING, ERRORS), i) for n, i in children]
 
-    def walk(self) -> Iterator[ExtEntry]:
-        """Every path, depth first, a directory before its contents, names sorted as bytes.
-
-        The root is ``"."``; nothing is skipped (``lost+found`` included).
-        """
+    def _walk(self) -> Iterator[tuple[Entry, int]]:
+        """(entry without link group, inode number) of every path, in canonical order."""
         root = self._inode(ROOT_INODE)
-        yield self._entry(".", root)
+        yield self._entry(".", root), ROOT_INODE
         seen_dirs = {ROOT_INODE}
         stack = [iter(self._children(".", root))]
         while stack:
@@ -849,33 +760,72 @@ class ExtFs:
             path, number = item
             inode = self._inode(number)
             entry = self._entry(path, inode)
-            yield entry
-            if entry.kind == "dir":
+            yield entry, number
+            if entry.kind is Kind.DIR:
                 if number in seen_dirs:
                     raise self._corrupt(f"directory inode {number} is reached twice ({path})")
                 seen_dirs.add(number)
                 stack.append(iter(self._children(path, inode)))
 
-    def lookup(self, path: str) -> ExtEntry | None:
+    def entries(self) -> Iterator[Entry]:
+        """Every path, depth first, a directory before its contents, names sorted as bytes.
+
+        The root is ``"."``; nothing is skipped (``lost+found`` included). Names of one
+        inode share a ``link_group``: the first of them in this order.
+        """
+        walked = list(self._walk())
+        names: dict[int, list[str]] = {}
+        for entry, number in walked:
+            if entry.kind is not Kind.DIR:
+                names.setdefault(number, []).append(entry.path)
+        self._groups = {number: paths[0] for number, paths in names.items() if len(paths) > 1}
+        for entry, number in walked:
+            group = self._groups.get(number, "") if entry.kind is not Kind.DIR else ""
+            yield replace(entry, link_group=group) if group else entry
+
+    def lookup(self, path: str) -> Entry | None:
         """The entry at ``path`` ("etc/passwd", "/etc/passwd" or "."), symlinks not followed."""
         number = self._lookup_number(path)
         if number is None:
             return None
-        parts = [p for p in path.split("/") if p not in ("", ".")]
-        return self._entry("/".join(parts) or ".", self._inode(number))
+        inode = self._inode(number)
+        entry = self._entry(normalize_path(path), inode)
+        if inode.nlink > 1 and entry.kind is not Kind.DIR:
+            if self._groups is None:  # its other names are known only after a full walk
+                for _ in self.entries():
+                    pass
+            assert self._groups is not None
+            group = self._groups.get(number, "")
+            if group:
+                entry = replace(entry, link_group=group)
+        return entry
 
-    def open(self, what: PathOrInode) -> BinaryIO:
+    def open(self, path: str) -> BinaryIO:
         """A seekable binary stream of a regular file's content (holes read as zeros)."""
-        inode = self._resolve(what)
-        if inode.kind != "file":
-            raise VerifyError(f"{self.path}: {what} is a {inode.kind}, not a regular file")
+        inode = self._resolve(path)
+        if inode.kind is not Kind.FILE:
+            raise VerifyError(f"{self.path}: {path} is a {_kind_name(inode)}, not a regular file")
         return self._open_inode(inode)
 
-    def read_symlink(self, what: PathOrInode) -> str:
-        inode = self._resolve(what)
-        if inode.kind != "symlink":
-            raise VerifyError(f"{self.path}: {what} is a {inode.kind}, not a symlink")
-        return self._symlink_target(inode).decode("utf-8", "surrogateescape")
+    def read_symlink(self, path: str) -> str:
+        """The target of the symlink at ``path``."""
+        inode = self._resolve(path)
+        if inode.kind is not Kind.SYMLINK:
+            raise VerifyError(f"{self.path}: {path} is a {_kind_name(inode)}, not a symlink")
+        return self._symlink_target(inode).decode(ENCODING, ERRORS)
+
+    def inode_number(self, path: str) -> int:
+        """The inode number of ``path`` (its hard links share it)."""
+        return self._resolve(path).number
+
+    def link_count(self, path: str) -> int:
+        """The number of names the inode of ``path`` has, as its inode records it."""
+        return self._resolve(path).nlink
+
+
+def _kind_name(inode: _Inode) -> str:
+    kind = inode.kind
+    return kind.value if kind is not None else f"file of mode 0o{inode.mode:o}"
 
 
 def _acl_to_vfs(value: bytes) -> bytes:
@@ -898,162 +848,56 @@ def _acl_to_vfs(value: bytes) -> bytes:
     return b"".join(out)
 
 
-# -- partition tables ------------------------------------------------------------------
-
-
-def _read_at(handle: BinaryIO, position: int, length: int) -> bytes:
-    handle.seek(position)
-    return handle.read(length)
-
-
-def find_partitions(disk: Path) -> list[Partition]:
-    """The partitions of the MBR or GPT table of ``disk``, by number; [] without a table.
-
-    MBR logical partitions (in an extended partition) are numbered from 5, as Linux does.
-    GPT is read from the primary header, which must carry valid CRCs.
-    """
-    try:
-        with Path(disk).open("rb") as handle:
-            mbr = _read_at(handle, 0, SECTOR)
-            if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
-                return []
-            entries = [struct.unpack_from("<B3xB3xII", mbr, 446 + 16 * i) for i in range(4)]
-            if any(status not in (0, 0x80) for status, *_ in entries):
-                return []  # a boot sector of some other kind (a FAT filesystem, say)
-            if any(kind == MBR_GPT_PROTECTIVE for _status, kind, _s, _n in entries):
-                return _gpt_partitions(Path(disk), handle)
-            return _mbr_partitions(Path(disk), handle, entries)
-    except OSError as exc:
-        raise VerifyError(f"cannot read {disk}: {exc.strerror}") from exc
-
-
-def _mbr_partitions(
-    disk: Path, handle: BinaryIO, entries: list[tuple[int, ...]]
-) -> list[Partition]:
-    partitions: list[Partition] = []
-    extended: tuple[int, int] | None = None
-    for number, (_status, kind, start, count) in enumerate(entries, start=1):
-        if kind == 0 or count == 0:
-            continue
-        partitions.append(Partition(number, start * SECTOR, count * SECTOR, f"0x{kind:02x}", "mbr"))
-        if kind in MBR_EXTENDED_TYPES and extended is None:
-            extended = (start, count)
-    if extended is not None:
-        partitions += _logical_partitions(disk, handle, extended[0])
-    return partitions
-
-
-def _logical_partitions(disk: Path, handle: BinaryIO, extended_start: int) -> list[Partition]:
-    # Each EBR holds one logical partition (relative to itself) and a link to the next
-    # EBR (relative to the extended partition).
-    found: list[Partition] = []
-    ebr_lba = extended_start
-    seen: set[int] = set()
-    while ebr_lba not in seen and len(found) < 256:
-        seen.add(ebr_lba)
-        ebr = _read_at(handle, ebr_lba * SECTOR, SECTOR)
-        if len(ebr) < SECTOR or ebr[510:512] != b"\x55\xaa":
-            raise VerifyError(f"{disk}: the extended partition table at sector {ebr_lba} is bad")
-        _s1, kind, start, count = struct.unpack_from("<B3xB3xII", ebr, 446)
-        _s2, next_kind, next_start, _n = struct.unpack_from("<B3xB3xII", ebr, 462)
-        if kind and count:
-            found.append(
-                Partition(
-                    5 + len(found),
-                    (ebr_lba + start) * SECTOR,
-                    count * SECTOR,
-                    f"0x{kind:02x}",
-                    "mbr",
-                )
-            )
-        if next_kind == 0 or next_start == 0:
-            break
-        ebr_lba = extended_start + next_start
-    return found
-
-
-def _gpt_partitions(disk: Path, handle: BinaryIO) -> list[Partition]:
-    for sector in (512, 4096):
-        header = _read_at(handle, sector, sector)
-        if header[:8] == b"EFI PART":
-            break
-    else:
-        raise VerifyError(
-            f"{disk}: the MBR announces a GPT (type 0xee) but there is no GPT header",
-            hint="the partition table is damaged; recreate it (sfdisk) and rebuild the disk",
-        )
-    (header_size,) = struct.unpack_from("<I", header, 12)
-    (header_crc,) = struct.unpack_from("<I", header, 16)
-    if not 92 <= header_size <= sector:
-        raise VerifyError(f"{disk}: the GPT header size {header_size} is not possible")
-    check = bytearray(header[:header_size])
-    check[16:20] = b"\0\0\0\0"
-    if zlib.crc32(check) != header_crc:
-        raise VerifyError(f"{disk}: the GPT header checksum is wrong (firmware would reject it)")
-    entries_lba, entry_count, entry_size, entries_crc = struct.unpack_from("<QIII", header, 0x48)
-    if entry_size < 128 or entry_count > 4096:
-        raise VerifyError(f"{disk}: the GPT header describes {entry_count} x {entry_size} entries")
-    table = _read_at(handle, entries_lba * sector, entry_count * entry_size)
-    if len(table) != entry_count * entry_size or zlib.crc32(table) != entries_crc:
-        raise VerifyError(f"{disk}: the GPT partition entries are truncated or fail their CRC")
-    partitions: list[Partition] = []
-    for index in range(entry_count):
-        entry = table[index * entry_size : (index + 1) * entry_size]
-        if entry[:16] == bytes(16):
-            continue
-        first, last = struct.unpack_from("<QQ", entry, 32)
-        name = entry[56:128].decode("utf-16-le", "replace").split("\0", 1)[0]
-        partitions.append(
-            Partition(
-                number=index + 1,
-                start=first * sector,
-                size=(last - first + 1) * sector,
-                type=str(uuid.UUID(bytes_le=entry[:16])),
-                table="gpt",
-                name=name,
-            )
-        )
-    return partitions
-
-
-def _has_ext_magic(image: Path, offset: int) -> bool:
+def has_ext_magic(image: Path, offset: int) -> bool:
+    """Whether an ext2/3/4 superblock starts at byte ``offset`` of ``image``."""
     with Path(image).open("rb") as handle:
-        magic = _read_at(handle, offset + SUPERBLOCK_OFFSET + 0x38, 2)
+        handle.seek(offset + SUPERBLOCK_OFFSET + 0x38)
+        magic = handle.read(2)
     return magic == struct.pack("<H", EXT_MAGIC)
+
+
+def filesystem_offsets(image: Path) -> list[int]:
+    """Byte offsets of the ext filesystems of ``image``: the root partition's first
+    (:func:`~oci2disk.diskimage.partitions.root_partition`), then the other partitions
+    in table order; offset 0 for a bare filesystem; [] when there is none."""
+    parts = partitions.read_partitions(Path(image))
+    if not parts:
+        return [0] if has_ext_magic(image, 0) else []
+    root = partitions.root_partition(parts)
+    ordered = ([root] if root is not None else []) + [p for p in parts if p is not root]
+    return [p.start for p in ordered if has_ext_magic(image, p.start)]
 
 
 def open_filesystem(image: Path, partition: int | None = None) -> ExtFs:
     """Open the ext filesystem of a disk image or of a bare filesystem image.
 
     A disk with a partition table: ``partition`` if given; else its only partition, or
-    its first GPT root partition, or its first Linux partition. An image without a
-    table is read as a bare filesystem at offset 0.
+    its first GPT root partition, or its first Linux partition, or else the first that
+    holds an ext filesystem. An image without a table is read as a bare filesystem at
+    offset 0.
     """
     image = Path(image)
-    partitions = find_partitions(image)
-    numbers = ", ".join(str(p.number) for p in partitions)
+    parts = partitions.read_partitions(image)
+    numbers = ", ".join(str(p.number) for p in parts)
     if partition is not None:
-        for candidate in partitions:
+        for candidate in parts:
             if candidate.number == partition:
                 return ExtFs(image, candidate.start)
-        if not partitions:
+        if not parts:
             raise VerifyError(
                 f"{image} has no partition table, so it has no partition {partition}",
                 hint="leave out the partition number to read a bare filesystem image",
             )
         raise VerifyError(f"{image} has no partition {partition} (it has: {numbers})")
-    if not partitions:
+    if not parts:
         return ExtFs(image, 0)
-    if len(partitions) == 1:
-        return ExtFs(image, partitions[0].start)
-    ordered = [p for p in partitions if p.is_root] + [p for p in partitions if p.is_linux]
-    if not ordered:
-        ordered = [p for p in partitions if _has_ext_magic(image, p.start)]
-    if not ordered:
+    chosen = partitions.root_partition(parts)
+    if chosen is None:
+        chosen = next((p for p in parts if has_ext_magic(image, p.start)), None)
+    if chosen is None:
         raise VerifyError(
             f"{image} has no Linux partition among partitions {numbers}",
             hint="choose the partition that holds the filesystem by its number",
         )
-    chosen = ordered[0]
     log.debug("%s: reading partition %d at byte %d", image, chosen.number, chosen.start)
     return ExtFs(image, chosen.start)

@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from oci2disk import run
+from oci2disk.diskimage.extfs import ExtFs, open_filesystem
+from oci2disk.diskimage.partitions import read_partitions
 from oci2disk.errors import VerifyError
-from oci2disk.extfs import ExtEntry, ExtFs, find_partitions, open_filesystem
-from oci2disk.verify import Difference, compare, records_from_extfs, records_from_tar
+from oci2disk.rootfs import Entry, Kind, with_digests
+from oci2disk.rootfs.archives import TarTree
+from oci2disk.verify import Difference, compare
 
 MTIME = 1_700_000_000
 MIB = 1 << 20
@@ -175,7 +178,7 @@ def resolved(specs: list[Spec], spec: Spec) -> Spec:
 
 
 def tree_order(paths: list[str]) -> list[str]:
-    """Depth first, parents first, siblings sorted by name bytes: what walk() promises."""
+    """Depth first, parents first, siblings sorted by name bytes: what entries() promises."""
 
     def key(path: str) -> list[bytes]:
         return [part.encode("utf-8", "surrogateescape") for part in path.split("/")]
@@ -187,18 +190,18 @@ def assert_reads_back(
     fs: ExtFs, specs: list[Spec], written: dict[str, bytes] | None = None
 ) -> None:
     """``written``: content that mke2fs is known to write differently from the tar."""
-    entries = {entry.path: entry for entry in fs.walk()}
+    entries = {entry.path: entry for entry in fs.entries()}
     walked = list(entries)
-    assert walked == tree_order(walked), "walk() is not in sorted tree order"
+    assert walked == tree_order(walked), "entries() is not in sorted tree order"
     assert set(entries) == {s.path for s in specs} | {"lost+found"}
-    assert entries["lost+found"].kind == "dir"
+    assert entries["lost+found"].kind is Kind.DIR
     for original in specs:
         spec = resolved(specs, original)
         entry = entries[spec.path]
         if written and spec.path in written:
             spec = replace(spec, data=written[spec.path])
         assert fs.lookup(spec.path) == entry
-        assert (entry.kind, entry.mode, entry.uid, entry.gid) == (
+        assert (entry.kind.value, entry.mode, entry.uid, entry.gid) == (
             spec.kind,
             spec.mode,
             spec.uid,
@@ -218,8 +221,9 @@ def assert_reads_back(
             assert (entry.devmajor, entry.devminor) == spec.dev, spec.path
         if spec.path != ".":
             assert entry.mtime == spec.mtime, spec.path
-    assert entries["data/hello"].inode == entries["data/hello-link"].inode
-    assert entries["data/hello"].nlink == 2
+    assert fs.inode_number("data/hello") == fs.inode_number("data/hello-link")
+    assert fs.link_count("data/hello") == 2
+    assert entries["data/hello"].link_group == entries["data/hello-link"].link_group == "data/hello"
 
 
 FS_VARIANTS = {
@@ -247,10 +251,9 @@ def test_reads_back_what_mke2fs_wrote(
         # it copies from a tar (debugfs shows the same short size).
         written = {"data/holey": holey_data()[:-4096]} if variant == "ext4-inline" else {}
         assert_reads_back(fs, specs, written)
-        with rootfs_tar.open("rb") as stream:
-            differences = compare(
-                records_from_tar(stream), records_from_extfs(fs), ignore=["lost+found"]
-            )
+        differences = compare(
+            TarTree(rootfs_tar).entries(), with_digests(fs), ignore=["lost+found"]
+        )
         if variant == "ext4-inline":
             size = len(holey_data())
             assert differences == [Difference("data/holey", "size", str(size), str(size - 4096))]
@@ -336,7 +339,7 @@ def test_triple_indirect_block_map(tmp_path: Path, rootfs_tar: Path) -> None:
     with ExtFs(image) as fs:
         entry = fs.lookup("sparse")
         assert entry is not None and entry.size == 70 * MIB + 6
-        with fs.open(entry) as stream:
+        with fs.open(entry.path) as stream:
             assert (
                 hashlib.sha256(stream.read()).digest() == hashlib.sha256(host.read_bytes()).digest()
             )
@@ -391,7 +394,7 @@ def test_inline_data(tmp_path: Path, rootfs_tar: Path, specs: list[Spec]) -> Non
         with fs.open("etc/motd") as stream:
             assert stream.read() == b"m" * 100  # 60 bytes in i_block, 40 in system.data
         assert fs.read_symlink("usr/long") == LONG_TARGET
-        assert [e.path for e in fs.walk() if e.path.startswith("home/")] == [
+        assert [e.path for e in fs.entries() if e.path.startswith("home/")] == [
             "home/alice",
             "home/alice/notes",
         ]
@@ -409,25 +412,25 @@ def test_htree_directory(tmp_path: Path, rootfs_tar: Path, specs: list[Spec], fs
     dump = run.run(["debugfs", "-R", "htree /many", str(image)]).stdout.decode()
     assert "Indirect levels: 1" in dump
     with ExtFs(image) as fs:
-        names = [e.path for e in fs.walk() if e.path.startswith("many/")]
+        names = [e.path for e in fs.entries() if e.path.startswith("many/")]
         assert names == sorted(s.path for s in specs if s.path.startswith("many/"))
         assert len(names) == 3000
         entry = fs.lookup(f"many/{MANY_NAME}-2999")
-        assert entry is not None and entry.kind == "file"
-        with rootfs_tar.open("rb") as stream:
-            expected = records_from_tar(stream)
-            assert compare(expected, records_from_extfs(fs), ignore=["lost+found"]) == []
+        assert entry is not None and entry.kind is Kind.FILE
+        expected = TarTree(rootfs_tar).entries()
+        assert compare(expected, with_digests(fs), ignore=["lost+found"]) == []
 
 
 def test_lookup_does_not_follow_symlinks(tmp_path: Path, rootfs_tar: Path) -> None:
     image = mke2fs(tmp_path / "fs.img", rootfs_tar)
     with ExtFs(image) as fs:
         sh = fs.lookup("bin/sh")
-        assert sh is not None and sh.kind == "symlink" and sh.linkname == "dash"
+        assert sh is not None and sh.kind is Kind.SYMLINK and sh.linkname == "dash"
         assert fs.lookup("bin/sh/x") is None
         assert fs.lookup("no/such") is None
         root = fs.lookup(".")
-        assert root is not None and (root.inode, root.kind, root.mode) == (2, "dir", 0o755)
+        assert root is not None
+        assert (fs.inode_number("."), root.kind, root.mode) == (2, Kind.DIR, 0o755)
         with pytest.raises(VerifyError, match="not a regular file"):
             fs.open("bin")
         with pytest.raises(VerifyError, match="no such path"):
@@ -471,7 +474,7 @@ def test_filesystem_in_a_partition(
             "64M",
         ]
     )
-    partitions = find_partitions(disk)
+    partitions = read_partitions(disk)
     assert [(p.number, p.start, p.size) for p in partitions] == sfdisk_layout(disk)
     assert [p.is_linux for p in partitions] == [False, True]
     assert {p.table for p in partitions} == {"gpt" if label == "gpt" else "mbr"}
@@ -491,7 +494,7 @@ def test_mbr_logical_partitions(tmp_path: Path) -> None:
     with disk.open("wb") as handle:
         handle.truncate(64 * MIB)
     sfdisk(disk, "label: dos\n,8M,L\n,8M,L\n,4M,L\n,,E\n,10M,L\n,10M,L\n")
-    partitions = find_partitions(disk)
+    partitions = read_partitions(disk)
     assert [(p.number, p.start, p.size) for p in partitions] == sfdisk_layout(disk)
     assert [p.number for p in partitions] == [1, 2, 3, 4, 5, 6]
     assert partitions[3].type == "0x05"
@@ -499,7 +502,7 @@ def test_mbr_logical_partitions(tmp_path: Path) -> None:
 
 def test_bare_filesystem_and_errors(tmp_path: Path, rootfs_tar: Path) -> None:
     image = mke2fs(tmp_path / "fs.img", rootfs_tar, size="16M")
-    assert find_partitions(image) == []
+    assert read_partitions(image) == []
     with open_filesystem(image) as fs:
         assert fs.offset == 0 and fs.lookup("etc/hostname") is not None
     with pytest.raises(VerifyError, match="no partition table"):
@@ -517,9 +520,9 @@ def test_bare_filesystem_and_errors(tmp_path: Path, rootfs_tar: Path) -> None:
     truncated = tmp_path / "truncated.img"
     truncated.write_bytes(image.read_bytes()[: 256 * 1024])
     with pytest.raises(VerifyError, match="truncated"), ExtFs(truncated) as fs:
-        for entry in fs.walk():
-            if entry.kind == "file":
-                fs.open(entry).read()
+        for entry in fs.entries():
+            if entry.kind is Kind.FILE:
+                fs.open(entry.path).read()
 
 
 def test_zeroed_group_descriptors_are_reported(tmp_path: Path, rootfs_tar: Path) -> None:
@@ -531,14 +534,14 @@ def test_zeroed_group_descriptors_are_reported(tmp_path: Path, rootfs_tar: Path)
         pytest.raises(VerifyError, match="corrupt: group 0 has its inode table at block 0"),
         ExtFs(image) as fs,
     ):
-        list(fs.walk())
+        list(fs.entries())
 
 
 def test_entries_are_plain_values(tmp_path: Path, rootfs_tar: Path) -> None:
     image = mke2fs(tmp_path / "fs.img", rootfs_tar, size="16M")
     with ExtFs(image) as fs:
         entry = fs.lookup(NON_UTF8)
-    assert isinstance(entry, ExtEntry)
+    assert isinstance(entry, Entry)
     assert entry.path.encode("utf-8", "surrogateescape") == b"caf\xe9"
     with pytest.raises(VerifyError, match="closed"):
         fs.lookup("etc")

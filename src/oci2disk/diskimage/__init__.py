@@ -1,0 +1,1 @@
+"""Disk images: partition tables, the ext filesystem reader, and qemu-img."""
