@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 from layerkit import Member, make_image
 from oci2disk.convert import ConvertOptions, ConvertResult, convert
-from oci2disk.rootfs.flatten import flatten
 from oci2disk.oci.layout import OciImage
 from oci2disk.recipe import Format
-from oci2disk.verify import Record, records_from_tar
+from oci2disk.rootfs import Entry, with_digests
+from oci2disk.rootfs.flatten import flatten
 from oci2disk.workspace import Workspace
 
 
@@ -26,10 +25,7 @@ def convert_to(
         return convert(image, rootfs, outputs, options or ConvertOptions(), ws)
 
 
-def image_records(image: OciImage) -> list[Record]:
-    """The image's records as verify sees them: its canonical tar, read back."""
+def image_records(image: OciImage) -> list[Entry]:
+    """The image's entries as verify sees them: the flattened rootfs, with digests."""
     with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
-        buf = io.BytesIO()
-        rootfs.write_tar(buf)
-    buf.seek(0)
-    return list(records_from_tar(buf))
+        return list(with_digests(rootfs))

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from clikit import oci2disk
+from oci2disk.arch import Arch
 from oci2disk.boot import kernel_arch
+from oci2disk.diskimage.extfs import open_filesystem
 from oci2disk.errors import BootError
-from oci2disk.extfs import open_filesystem
 
 BASE = "oci2disk-test/debian-arm64:bookworm"
 ELF_MACHINE_AARCH64 = 0xB7
@@ -99,7 +100,9 @@ def test_arm64_build_convert_and_boot(arm64_base: str, outdir: Path) -> None:
             assert f.read() == b"aarch64\n"  # the RUN step ran as arm64, through qemu-user
         with fs.open("usr/bin/dash") as f:
             assert elf_machine(f.read(64)) == ELF_MACHINE_AARCH64
-        boot_files = {e.path.removeprefix("boot/") for e in fs.walk() if e.path.startswith("boot/")}
+        boot_files = {
+            e.path.removeprefix("boot/") for e in fs.entries() if e.path.startswith("boot/")
+        }
         assert any(name.startswith("vmlinuz-") and name.endswith("-arm64") for name in boot_files)
         assert any(name.startswith("initrd.img-") for name in boot_files)
 
@@ -134,9 +137,9 @@ def test_boot_tells_the_kernel_architecture_from_its_header(tmp_path: Path) -> N
     elf = bytearray(64)
     elf[:4] = b"\x7fELF"
     struct.pack_into("<H", elf, 18, ELF_MACHINE_AARCH64)
-    assert kernel_arch(_kernel(tmp_path, "bz", bytes(bzimage))) == "x86_64"
-    assert kernel_arch(_kernel(tmp_path, "Image", bytes(arm64))) == "aarch64"
-    assert kernel_arch(_kernel(tmp_path, "Image.gz", gzip.compress(bytes(arm64)))) == "aarch64"
-    assert kernel_arch(_kernel(tmp_path, "vmlinux", bytes(elf))) == "aarch64"
+    assert kernel_arch(_kernel(tmp_path, "bz", bytes(bzimage))) is Arch.X86_64
+    assert kernel_arch(_kernel(tmp_path, "Image", bytes(arm64))) is Arch.AARCH64
+    assert kernel_arch(_kernel(tmp_path, "Image.gz", gzip.compress(bytes(arm64)))) is Arch.AARCH64
+    assert kernel_arch(_kernel(tmp_path, "vmlinux", bytes(elf))) is Arch.AARCH64
     with pytest.raises(BootError, match="cannot tell which architecture"):
         kernel_arch(_kernel(tmp_path, "junk", b"not a kernel" * 100))

@@ -8,6 +8,7 @@ Debian to its login prompt.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -22,6 +23,10 @@ from clikit import oci2disk
 from oci2disk import boot, run
 from oci2disk.boot import BootSpec, kernel_cmdline, kernel_from_disk
 from oci2disk.errors import BootError
+from oci2disk.pipeline import boot_artifact
+from oci2disk.progress import Progress
+from oci2disk.rootfs import kernels
+from oci2disk.rootfs.directory import DirectoryTree
 
 FS_UUID = "6f1c2a3e-0d4b-4c5a-9e8f-0123456789ab"
 MiB = 1024 * 1024
@@ -162,13 +167,15 @@ def test_boot_matches_a_prompt_that_has_no_newline(tmp_path: Path) -> None:
 
 
 def watch_script(script: str, expect: str, tmp_path: Path) -> tuple[str | None, bool]:
-    """Run boot._watch on a Python process standing in for QEMU's console."""
+    """Run boot.watch_console on a Python process standing in for QEMU's console."""
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     try:
         with (tmp_path / "console.log").open("wb") as log_file:
-            return boot._watch(proc, re.compile(expect), time.monotonic() + 20, log_file, None)
+            return boot.watch_console(
+                proc, re.compile(expect), time.monotonic() + 20, log_file, None
+            )
     finally:
-        boot._stop(proc)
+        boot.stop(proc)
 
 
 def test_half_a_line_is_not_matched_while_output_flows(tmp_path: Path) -> None:
@@ -244,7 +251,7 @@ def test_qemu_command_never_writes_the_disk_and_has_no_network(tmp_path: Path) -
         append=kernel_cmdline("UUID=x"),
         disk_format="qcow2",
     )
-    argv = boot._qemu_argv(spec, "tcg")
+    argv = boot.qemu_argv(spec, "tcg")
     drive = argv[argv.index("-drive") + 1]
     assert drive == f"file={tmp_path}/a,,b.qcow2,format=qcow2,if=virtio,snapshot=on"
     assert argv[argv.index("-nic") + 1] == "none"
@@ -252,7 +259,7 @@ def test_qemu_command_never_writes_the_disk_and_has_no_network(tmp_path: Path) -
     with_net = BootSpec(
         disk=None, kernel=tmp_path / "k", initrd=None, append="", extra_args=("-nic", "user")
     )
-    argv = boot._qemu_argv(with_net, "tcg")
+    argv = boot.qemu_argv(with_net, "tcg")
     assert argv[-2:] == ["-nic", "user"]
     assert argv.count("-nic") == 1
 
@@ -314,6 +321,55 @@ def test_disk_without_an_ext_filesystem_is_a_clear_error(tmp_path: Path) -> None
         kernel_from_disk(disk, tmp_path / "work")
 
 
+def test_boot_takes_the_kernel_that_the_kernel_output_takes(tmp_path: Path) -> None:
+    """One finder for `boot` and `-f kernel`: a Fedora-style image keeps its newest
+    kernel only in /usr/lib/modules/VERSION/vmlinuz, next to an older one in /boot."""
+    tree = make_boot_fs(
+        tmp_path,
+        {"vmlinuz-6.7.0": b"older kernel", "initramfs-6.7.0.img": b"older initrd"},
+    )
+    modules = tree / "usr" / "lib" / "modules" / "6.8.0"
+    modules.mkdir(parents=True)
+    (modules / "vmlinuz").write_bytes(b"newest kernel")
+    (tree / "boot" / "initramfs-6.8.0.img").write_bytes(b"newest initrd")
+    chosen = kernels.choose(DirectoryTree(tree))
+    kernel, initrd, _ = kernel_from_disk(make_disk(tmp_path, tree, "gpt"), tmp_path / "work")
+    assert chosen.version == "6.8.0"
+    assert kernel.read_bytes() == b"newest kernel"
+    assert initrd is not None and initrd.read_bytes() == b"newest initrd"
+    assert kernel.name == "vmlinuz-6.8.0"
+
+
+def test_the_accelerator_shown_is_the_one_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KVM is decided once per boot: a probe asked twice (it can hang on one call and
+    answer on the next on nested hosts) must not make the boot say TCG and run KVM."""
+    answers = iter([False, True])
+    asked: list[bool] = []
+
+    def probe() -> bool:
+        asked.append(next(answers, True))
+        return asked[-1]
+
+    monkeypatch.setattr(boot, "kvm_usable", probe)
+    disk = make_disk(tmp_path, make_boot_fs(tmp_path, {}), "dos")
+    kernel = fake_kernel(tmp_path / "vmlinuz", b"fake-kernel-ok\r\n")
+    shown = io.StringIO()
+    result = boot_artifact(
+        disk,
+        kernel=kernel,
+        expect="fake-kernel-ok",
+        timeout=60,
+        log_path=tmp_path / "console.log",
+        progress=Progress(shown, live=False),
+    )
+    assert result.matched
+    assert "booting under QEMU, TCG (no working KVM)" in shown.getvalue()
+    assert result.accel == "tcg"
+    assert asked == [False]
+
+
 # --- end to end: recipes/debian-qemu boots to a login prompt ----------------------------
 
 
@@ -349,7 +405,7 @@ def test_kvm_probe_agrees_with_a_real_kernel(debian_qemu_build: Path, tmp_path: 
     """Where kvm_usable() says False, a Debian kernel must not reach its console under KVM."""
     kernel, initrd, root = kernel_from_disk(debian_qemu_build / "disk.raw", tmp_path / "kernel")
     spec = BootSpec(disk=None, kernel=kernel, initrd=initrd, append=kernel_cmdline(root))
-    argv = boot._qemu_argv(spec, "kvm")
+    argv = boot.qemu_argv(spec, "kvm")
     proc = run.start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         output, _ = proc.communicate(timeout=30)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from clikit import oci2disk
-from oci2disk.extfs import open_filesystem
+from oci2disk.diskimage.extfs import open_filesystem
 from oci2disk.oci.layout import open_layout
 
 

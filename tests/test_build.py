@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from clikit import oci2disk
-from oci2disk.extfs import open_filesystem
+from oci2disk.diskimage.extfs import open_filesystem
+from oci2disk.rootfs import Kind
 
 pytestmark = pytest.mark.docker
 
@@ -89,7 +90,7 @@ def test_build_recipe_to_raw_and_qcow2(recipe: Path, outdir: Path) -> None:
         assert fs.lookup(".dockerenv") is None
         console = fs.lookup("srv/console")
         assert console is not None and (console.kind, console.devmajor, console.devminor) == (
-            "char",
+            Kind.CHAR,
             5,
             1,
         )

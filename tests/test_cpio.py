@@ -14,12 +14,13 @@ import pytest
 
 from layerkit import Member, device, directory, fifo, file, hardlink, symlink
 from oci2disk.convert import ConvertOptions, convert, default_outputs
-from oci2disk.convert.cpio import read_records
-from oci2disk.convert.directory import records_from_directory
 from oci2disk.errors import ConvertError, RecipeError
-from oci2disk.rootfs.flatten import flatten
 from oci2disk.recipe import ArchiveCompression, Format, InitramfsSpec, KernelSpec, load
-from oci2disk.verify import Record, compare, records_from_tar
+from oci2disk.rootfs import Entry, Kind, with_digests
+from oci2disk.rootfs.archives import CpioTree, TarTree
+from oci2disk.rootfs.directory import DirectoryTree
+from oci2disk.rootfs.flatten import flatten
+from oci2disk.verify import compare
 from oci2disk.workspace import Workspace
 from outputkit import convert_to, image_of, image_records
 
@@ -51,8 +52,13 @@ SAMPLE: list[Member] = [
 ]
 
 
-def without_xattrs(records: list[Record]) -> list[Record]:
+def without_xattrs(records: list[Entry]) -> list[Entry]:
     return [replace(r, xattrs=()) for r in records]
+
+
+def read_records(path: Path) -> list[Entry]:
+    """The entries of a (compressed) cpio file, as verify reads them."""
+    return list(CpioTree(path).entries())
 
 
 def newc_headers(data: bytes) -> Iterator[tuple[str, int, int, int, int]]:
@@ -79,8 +85,8 @@ def test_cgz_holds_every_entry_of_the_image(tmp_path: Path) -> None:
     assert out.read_bytes()[:2] == b"\x1f\x8b"  # gzip
     have = read_records(out)
     by_path = {r.path: r for r in have}
-    assert by_path["init"].kind == "symlink" and by_path["init"].linkname == "/sbin/init"
-    assert (by_path["dev/console"].kind, by_path["dev/console"].devmajor) == ("char", 5)
+    assert by_path["init"].kind is Kind.SYMLINK and by_path["init"].linkname == "/sbin/init"
+    assert (by_path["dev/console"].kind, by_path["dev/console"].devmajor) == (Kind.CHAR, 5)
     assert by_path["dev/console"].devminor == 1
     # newc has no xattrs; everything else is exact
     diffs = compare(without_xattrs(image_records(image)), have, ignore=result.generated)
@@ -105,7 +111,7 @@ def test_gnu_cpio_lists_and_extracts_it_with_hard_links_and_owners(tmp_path: Pat
         cwd=target,
         check=True,
     )
-    got = list(records_from_directory(target))
+    got = list(with_digests(DirectoryTree(target)))
     diffs = compare(without_xattrs(image_records(image)), got, ignore=("init", "dev/console"))
     assert diffs == []
     assert (target / "usr/lib/python3").stat().st_ino == (target / "usr/bin/python3").stat().st_ino
@@ -289,8 +295,7 @@ def test_debian_cgz_boots_under_qemu_with_the_images_own_kernel(
             tar = ws.path / "rootfs.tar"
             with tar.open("wb") as f:
                 rootfs.write_tar(f)
-        with tar.open("rb") as f:
-            expected = list(records_from_tar(f))
+        expected = list(TarTree(tar).entries())
     cgz = outputs[Format.CGZ]
     print(f"cgz: {cgz.stat().st_size / 2**20:.0f} MiB in {seconds:.1f} s")
     assert {a.path.name for a in result.artifacts} == {

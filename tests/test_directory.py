@@ -14,13 +14,15 @@ import pytest
 from clikit import oci2disk
 from layerkit import Member, device, directory, fifo, file, hardlink, make_image, symlink
 from oci2disk.convert import ConvertOptions, convert
-from oci2disk.convert.directory import extract, records_from_directory
+from oci2disk.convert.directory import extract
 from oci2disk.errors import ConvertError
 from oci2disk.recipe import Format
-from oci2disk.rootfs import Entry, Kind
+from oci2disk.rootfs import Entry, Kind, with_digests
+from oci2disk.rootfs.archives import TarTree
+from oci2disk.rootfs.directory import DirectoryTree
 from oci2disk.rootfs.flat import FlatRootfs
 from oci2disk.rootfs.flatten import flatten
-from oci2disk.verify import compare, records_from_tar
+from oci2disk.verify import compare
 from oci2disk.workspace import Workspace
 from outputkit import convert_to, image_of, image_records
 
@@ -56,13 +58,18 @@ SAMPLE: list[Member] = [
 ]
 
 
+def directory_entries(target: Path) -> list[Entry]:
+    """The entries of a directory with content digests, as verify reads them."""
+    return list(with_digests(DirectoryTree(target)))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="exact owners and devices need root")
 def test_as_root_the_directory_equals_the_image(tmp_path: Path) -> None:
     image = image_of(tmp_path, SAMPLE)
     target = tmp_path / "nfsroot"
     result = convert_to(image, {Format.DIR: target})
     assert result.warnings == ()
-    assert compare(image_records(image), list(records_from_directory(target))) == []
+    assert compare(image_records(image), directory_entries(target)) == []
     assert (target / "usr/bin/su").stat().st_ino == (target / "usr/bin/su-again").stat().st_ino
     assert os.readlink(target / "hostetc") == "/etc"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -111,18 +118,18 @@ def test_without_root_it_keeps_what_it_can_and_says_what_it_could_not(outdir: Pa
     assert "/usr/share/trusted (trusted.overlay.x)" in err
     assert "run oci2disk as root for an exact copy" in err
 
-    got = {r.path: r for r in records_from_directory(target)}
+    got = {r.path: r for r in directory_entries(target)}
     want = {r.path: r for r in image_records(make_image(outdir / "layout2", [SAMPLE]))}
     assert "dev/null" not in got and "dev/sda" not in got
     for path, record in want.items():
-        if record.kind in ("char", "block"):
+        if record.kind.is_device:
             continue
         mine = got[path]
         # data, modes (setuid too), links and user xattrs are kept; owners are not
         keep_xattrs = tuple(x for x in record.xattrs if x[0].startswith("user."))
         expected = replace(record, uid=NOBODY, gid=NOBODY, xattrs=keep_xattrs)
         assert compare([expected], [replace(mine, path=path)]) == [], path
-    assert got["run/initctl"].kind == "fifo"
+    assert got["run/initctl"].kind is Kind.FIFO
     assert got["usr/bin/su"].link_group == got["usr/bin/su-again"].link_group != ""
     # the symlinks that point out of the tree stay symlinks; nothing lands beside the target
     assert (target / "up").is_symlink() and (target / "hostetc").is_symlink()
@@ -149,12 +156,11 @@ def test_debian_rootfs_as_root_equals_the_image(base_image: str, outdir: Path) -
             tar = ws.path / "rootfs.tar"
             with tar.open("wb") as f:
                 rootfs.write_tar(f)
-        with tar.open("rb") as f:
-            expected = list(records_from_tar(f))
+        expected = list(TarTree(tar).entries())
     assert result.warnings == ()
     assert len(expected) > 5000
-    assert any(r.kind == "char" for r in expected)
-    assert compare(expected, list(records_from_directory(target))) == []
+    assert any(r.kind is Kind.CHAR for r in expected)
+    assert compare(expected, directory_entries(target)) == []
     os_release = subprocess.run(
         ["cat", str(target / "usr/lib/os-release")], capture_output=True, text=True, check=True
     )

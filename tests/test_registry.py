@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from clikit import oci2disk
-from oci2disk.extfs import open_filesystem
+from oci2disk.diskimage.extfs import open_filesystem
 
 if TYPE_CHECKING:
     from registrykit import Registry

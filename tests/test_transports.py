@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from clikit import oci2disk
+from oci2disk.diskimage.extfs import open_filesystem
 from oci2disk.errors import RefError
-from oci2disk.extfs import open_filesystem
 from oci2disk.refs import ImageRef, Transport, is_loopback_registry, parse_ref
 
 if TYPE_CHECKING:

@@ -326,7 +326,7 @@ def go_style_link_tar(path: Path) -> Path:
 
 
 def test_catches_the_mke2fs_hard_link_trap(tmp_path: Path) -> None:
-    # DESIGN.md, "Known traps": mke2fs turns such a link into an empty regular file.
+    # mke2fs turns such a link into an empty regular file.
     tar = go_style_link_tar(tmp_path / "go.tar")
     image = mke2fs(tmp_path / "fs.img", tar, size="4M")
     assert compare(tar_records(tar), fs_records(image), ignore=["lost+found"]) == [

@@ -1,17 +1,19 @@
 """Boot an artifact under QEMU and watch its serial console.
 
-``boot()`` starts QEMU with the disk attached read-only in effect (``snapshot=on``:
+:func:`boot` starts QEMU with the disk attached read-only in effect (``snapshot=on``:
 writes go to a temporary overlay, never to the artifact), a kernel and initrd given
 directly (``-kernel``/``-initrd``, no bootloader needed), and the serial console on a
 pipe. Every byte of the console goes to a log file; each line is matched against the
 expected regex. KVM is used only where a probe shows it really runs a guest; otherwise
 TCG (as on CI runners without KVM, and on nested hosts where ``/dev/kvm`` exists but
-hangs).
+hangs). :func:`choose_accel` decides once, and what is shown is what is used.
 
-``kernel_from_disk()`` takes the kernel and initrd out of the image's ``/boot`` without
-mounting anything: it reads the partition table itself and uses ``debugfs`` on the file.
+:func:`kernel_from_disk` takes the kernel and initrd out of the image without mounting
+anything: the partition table and the ext filesystem are read in Python
+(:mod:`oci2disk.diskimage`), and the kernel is picked by the same finder as
+``-f kernel`` (:mod:`oci2disk.rootfs.kernels`).
 
-Host tools: qemu-system-x86_64 (qemu-system-aarch64 for arm64 guests), qemu-img, debugfs.
+Host tools: qemu-system-x86_64 (qemu-system-aarch64 for arm64 guests), qemu-img.
 """
 
 from __future__ import annotations
@@ -20,22 +22,25 @@ import codecs
 import functools
 import logging
 import os
-import platform
 import re
 import select
-import struct
+import shutil
 import subprocess
 import tempfile
 import time
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from oci2disk import run
-from oci2disk.convert import qemu
-from oci2disk.errors import BootError, Oci2DiskError
+from oci2disk import manifest, run
+from oci2disk.arch import Arch
+from oci2disk.compression import Compression
+from oci2disk.diskimage import extfs, qemuimg
+from oci2disk.errors import BootError, ImageError, Oci2DiskError
+from oci2disk.progress import SILENT, Progress
+from oci2disk.rootfs import Entry, kernels
+from oci2disk.workspace import Workspace
 
 log = logging.getLogger("oci2disk.boot")
 
@@ -56,7 +61,7 @@ class BootSpec:
     disk_format: str = "raw"
     memory_mb: int = 1024
     cpus: int = 2
-    arch: str = "x86_64"
+    arch: Arch = Arch.X86_64
     extra_args: tuple[str, ...] = ()
 
 
@@ -70,88 +75,56 @@ class BootResult:
 
 
 @dataclass(frozen=True)
-class _Arch:
-    qemu: str
-    machine: str
-    console: str
-    kvm_host: str  # platform.machine() on which KVM can run this guest
-    # -cpu under TCG. For aarch64, "max" with QEMU's own pointer-authentication
-    # algorithm instead of QARMA, which TCG emulates several times slower.
-    tcg_cpu: str = "max"
+class Accel:
+    """How QEMU runs the guest: ``name`` is its ``-accel`` ("kvm" or "tcg"), ``reason``
+    what the user is told ("KVM", "TCG (no working KVM)", "TCG (a foreign architecture)")."""
+
+    name: str
+    reason: str
 
 
-_ARCHES: dict[str, _Arch] = {
-    "x86_64": _Arch("qemu-system-x86_64", "pc", "ttyS0", "x86_64"),
-    "aarch64": _Arch(
-        "qemu-system-aarch64", "virt", "ttyAMA0", "aarch64", tcg_cpu="max,pauth-impdef=on"
-    ),
-}
-# Names a platform or `uname -m` may give an architecture, to the names above.
-ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
+def _bootable(arch: Arch) -> Arch:
+    if not arch.can_boot():
+        known = ", ".join(a.uname for a in Arch if a.can_boot())
+        raise BootError(f"cannot boot architecture {arch.uname!r}", hint=f"use one of: {known}")
+    return arch
 
 
-def _arch(name: str) -> _Arch:
-    try:
-        return _ARCHES[name]
-    except KeyError:
-        known = ", ".join(sorted(_ARCHES))
-        raise BootError(f"cannot boot architecture {name!r}", hint=f"use one of: {known}") from None
-
-
-def kernel_cmdline(root: str, extra: str = "", *, arch: str = "x86_64") -> str:
+def kernel_cmdline(root: str, extra: str = "", *, arch: Arch = Arch.X86_64) -> str:
     """The command line ``oci2disk boot`` gives a kernel: serial console, ``root=... rw``.
 
     ``panic=-1`` makes a panicking kernel reboot at once, and with ``-no-reboot`` QEMU
     then exits, so a broken image fails fast with the panic in the log instead of
     waiting for the timeout.
     """
-    parts = [f"console={_arch(arch).console}", f"root={root}", "rw", "panic=-1"]
+    parts = [f"console={_bootable(arch).console}", f"root={root}", "rw", "panic=-1"]
     if extra:
         parts.append(extra)
     return " ".join(parts)
 
 
-# Where each kernel image format says what it is (Linux boot protocols).
-_ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64"}
-_X86_BZIMAGE_MAGIC = (0x202, b"HdrS")
-_ARM64_IMAGE_MAGIC = (0x38, b"ARM\x64")
-_HEAD = 4096
+# A gzip-compressed kernel (Debian's arm64 vmlinuz) is read this far to find its header.
+_GZIP_HEAD = 1 << 20
 
 
-def kernel_arch(kernel: Path) -> str:
-    """The architecture a kernel image is for ("x86_64", "aarch64"), from its header.
+def kernel_arch(kernel: Path) -> Arch:
+    """The architecture a kernel image is for, from its header.
 
-    Knows x86 bzImages, arm64 Images (also gzip-compressed, as Debian's arm64 vmlinuz)
-    and ELF vmlinux files.
+    Knows x86 bzImages, arm64 and riscv64 Images (also gzip-compressed, as Debian's
+    arm64 vmlinuz) and ELF vmlinux files.
     """
     with kernel.open("rb") as f:
-        head = f.read(_HEAD)
-        if head.startswith(b"\x1f\x8b"):
+        head = f.read(kernels.HEAD_BYTES)
+        if head.startswith(Compression.GZIP.magic):
             f.seek(0)
-            head = _gunzip_head(f.read(1 << 20))
-    if head.startswith(b"\x7fELF") and len(head) >= 20:
-        machine = struct.unpack_from("<H", head, 18)[0]
-        if machine in _ELF_MACHINES:
-            return _ELF_MACHINES[machine]
-    for (offset, magic), arch in ((_X86_BZIMAGE_MAGIC, "x86_64"), (_ARM64_IMAGE_MAGIC, "aarch64")):
-        if head[offset : offset + len(magic)] == magic:
-            return arch
-    raise BootError(
-        f"cannot tell which architecture the kernel {os.fspath(kernel)} is for",
-        hint="oci2disk boots x86_64 bzImages and arm64 Images (plain or gzip-compressed)",
-    )
-
-
-def _gunzip_head(data: bytes) -> bytes:
+            head = f.read(_GZIP_HEAD)
     try:
-        return zlib.decompressobj(wbits=31).decompress(data, _HEAD)
-    except zlib.error:
-        return b""
-
-
-def arch_name(name: str) -> str:
-    """``amd64``/``arm64`` (platforms) or ``x86_64``/``aarch64`` to a bootable arch name."""
-    return ARCH_ALIASES.get(name, name)
+        return kernels.kernel_arch(head)
+    except ImageError as exc:
+        raise BootError(
+            f"cannot tell which architecture the kernel {os.fspath(kernel)} is for",
+            hint="oci2disk boots x86_64 bzImages and arm64 Images (plain or gzip-compressed)",
+        ) from exc
 
 
 # --- KVM probe ------------------------------------------------------------------------
@@ -192,8 +165,9 @@ def _probe_firmware() -> bytes:
 @functools.cache
 def kvm_usable() -> bool:
     """True if QEMU can run an x86_64 guest with KVM here (probed once per process)."""
-    if platform.machine() != "x86_64":
-        log.debug("kvm probe: host is %s, the probe only knows x86_64", platform.machine())
+    host = os.uname().machine
+    if Arch.lookup(host) is not Arch.X86_64:
+        log.debug("kvm probe: host is %s, the probe only knows x86_64", host)
         return False
     try:
         fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
@@ -221,7 +195,7 @@ def kvm_usable() -> bool:
             log.info("KVM does not run guests here (probe hung); using TCG")
             return False
         finally:
-            _stop(proc)
+            stop(proc)
     if proc.returncode == _PROBE_EXIT_STATUS:
         log.debug("kvm probe: KVM works")
         return True
@@ -233,6 +207,16 @@ def kvm_usable() -> bool:
     return False
 
 
+def choose_accel(arch: Arch) -> Accel:
+    """KVM when the guest is of the host's architecture and KVM really runs guests here;
+    else TCG. Decided once per boot: the caller shows ``reason`` and passes it on."""
+    if arch is not Arch.lookup(os.uname().machine):
+        return Accel("tcg", "TCG (a foreign architecture)")
+    if kvm_usable():
+        return Accel("kvm", "KVM")
+    return Accel("tcg", "TCG (no working KVM)")
+
+
 # --- booting --------------------------------------------------------------------------
 
 _ANSI = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
@@ -241,8 +225,9 @@ _MAX_LINE = 64 * 1024
 _PROMPT_QUIET = 0.2
 
 
-def _qemu_argv(spec: BootSpec, accel: str) -> list[str]:
-    arch = _arch(spec.arch)
+def qemu_argv(spec: BootSpec, accel: str) -> list[str]:
+    """The QEMU command line that boots ``spec`` with ``-accel accel``."""
+    arch = _bootable(spec.arch)
     argv = [
         arch.qemu,
         "-machine", arch.machine,
@@ -275,8 +260,11 @@ def boot(
     timeout: float,
     log_path: Path,
     on_line: Callable[[str], None] | None = None,
+    accel: Accel | None = None,
 ) -> BootResult:
     """Boot ``spec`` and wait until a console line matches the regex ``expect``.
+
+    ``accel`` is the decision of :func:`choose_accel` (made here when not given).
 
     Each line of console output (escape sequences and carriage returns removed) is
     searched, and so is an unfinished last line once output pauses, so prompts such as
@@ -293,29 +281,29 @@ def boot(
     except re.error as exc:
         raise BootError(f"expect {expect!r} is not a valid regular expression: {exc}") from None
 
-    arch = _arch(spec.arch)
-    accel = "kvm" if platform.machine() == arch.kvm_host and kvm_usable() else "tcg"
-    argv = _qemu_argv(spec, accel)
+    if accel is None:
+        accel = choose_accel(spec.arch)
+    argv = qemu_argv(spec, accel.name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("booting %s with %s (log: %s)", spec.disk or spec.kernel, accel, log_path)
+    log.info("booting %s with %s (log: %s)", spec.disk or spec.kernel, accel.reason, log_path)
     started = time.monotonic()
     with log_path.open("wb") as log_file:
         proc = run.start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            match, exited = _watch(proc, pattern, started + timeout, log_file, on_line)
+            match, exited = watch_console(proc, pattern, started + timeout, log_file, on_line)
         finally:
-            _stop(proc)
+            stop(proc)
     seconds = time.monotonic() - started
     if match is None and exited:
         raise _early_exit_error(argv, proc.returncode, log_path, expect)
     if match is None:
         log.info("no console line matched %r within %.0f s", expect, timeout)
-        return BootResult(False, log_path, seconds, accel, "")
+        return BootResult(False, log_path, seconds, accel.name, "")
     log.info("console matched %r after %.1f s", match, seconds)
-    return BootResult(True, log_path, seconds, accel, match)
+    return BootResult(True, log_path, seconds, accel.name, match)
 
 
-def _watch(
+def watch_console(
     proc: subprocess.Popen[bytes],
     pattern: re.Pattern[str],
     deadline: float,
@@ -380,7 +368,7 @@ def _clean(line: str) -> str:
     return _ANSI.sub("", line).replace("\r", "")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> None:
     """Stop QEMU (SIGTERM, then SIGKILL) and reap it, so no process outlives the call."""
     if proc.poll() is None:
         proc.terminate()
@@ -414,44 +402,38 @@ def _early_exit_error(argv: list[str], returncode: int, log_path: Path, expect: 
 
 # --- kernel and initrd from the image -------------------------------------------------
 
-_SECTOR = 512
-_EXT_MAGIC_OFFSET = 1024 + 0x38
-_EXT_MAGIC = 0xEF53
-_MBR_PROTECTIVE = 0xEE
-_MBR_EXTENDED = frozenset({0x05, 0x0F, 0x85})
 
+def kernel_from_disk(
+    disk: Path, workdir: Path, version: str | None = None
+) -> tuple[Path, Path | None, str]:
+    """Copy the image's kernel and its initrd into ``workdir``.
 
-@dataclass(frozen=True)
-class _BootFile:
-    name: str
-    size: int
-
-
-def kernel_from_disk(disk: Path, workdir: Path) -> tuple[Path, Path | None, str]:
-    """Copy the newest kernel and its initrd out of the image's /boot into ``workdir``.
-
-    Returns ``(kernel, initrd or None, root)`` where ``root`` is ``UUID=<fs uuid>`` for
-    the kernel command line. The image may be raw (MBR, GPT or a bare ext filesystem)
-    or any format ``qemu-img`` reads (qcow2, vmdk ...), which is first converted to a
+    The kernel is the one ``-f kernel`` takes from the same image: ``version`` when
+    given, else the newest (:func:`oci2disk.rootfs.kernels.choose`). Returns
+    ``(kernel, initrd or None, root)`` where ``root`` is ``UUID=<fs uuid>`` for the
+    kernel command line. The image may be raw (MBR, GPT or a bare ext filesystem) or
+    any format ``qemu-img`` reads (qcow2, vmdk ...), which is first converted to a
     temporary raw file in ``workdir``. Nothing is mounted.
     """
     if not disk.is_file():
         raise BootError(f"disk image {os.fspath(disk)} does not exist")
     workdir.mkdir(parents=True, exist_ok=True)
-    fmt = qemu.image_format(disk)
-    if fmt == "raw":
-        return _kernel_from_raw(disk, workdir)
+    fmt = qemuimg.image_format(disk)
+    if fmt == qemuimg.RAW:
+        return _kernel_from_raw(disk, workdir, version)
     raw = workdir / "oci2disk-boot-disk.raw"
     log.info("converting %s (%s) to raw to read its /boot", disk, fmt)
     try:
-        qemu.convert_to_raw(disk, raw)
-        return _kernel_from_raw(raw, workdir)
+        qemuimg.convert_to_raw(disk, raw)
+        return _kernel_from_raw(raw, workdir, version)
     finally:
         raw.unlink(missing_ok=True)
 
 
-def _kernel_from_raw(raw: Path, workdir: Path) -> tuple[Path, Path | None, str]:
-    offsets = list(_ext_offsets(raw))
+def _kernel_from_raw(
+    raw: Path, workdir: Path, version: str | None
+) -> tuple[Path, Path | None, str]:
+    offsets = extfs.filesystem_offsets(raw)
     if not offsets:
         raise BootError(
             f"{os.fspath(raw)} holds no ext2/3/4 filesystem (looked at the partitions and "
@@ -459,139 +441,98 @@ def _kernel_from_raw(raw: Path, workdir: Path) -> tuple[Path, Path | None, str]:
             hint="boot reads the kernel from an ext filesystem; pass --kernel and --initrd",
         )
     for offset in offsets:
-        device = f"{os.fspath(raw)}?offset={offset}"
-        files = _list_boot(device)
-        kernel = _newest_kernel(files)
-        if kernel is None:
-            log.debug("no kernel in /boot of the filesystem at offset %d", offset)
-            continue
-        initrd = _matching_initrd(kernel.name, files)
-        kernel_path = _dump(device, kernel, workdir)
-        initrd_path = None if initrd is None else _dump(device, initrd, workdir)
-        root = f"UUID={_fs_uuid(device)}"
-        log.info(
-            "kernel %s, initrd %s, root=%s", kernel.name, initrd.name if initrd else None, root
-        )
-        return kernel_path, initrd_path, root
+        with extfs.ExtFs(raw, offset) as fs:
+            if not kernels.find_kernels(fs):
+                log.debug("no kernel in the filesystem at offset %d", offset)
+                continue
+            try:
+                found = kernels.choose(fs, version)
+            except ImageError as exc:
+                raise BootError(exc.message, hint=exc.hint) from exc
+            kernel = _copy_out(fs, found.kernel, found.version, workdir)
+            initrd = None
+            if found.initrd is not None:
+                initrd = _copy_out(fs, found.initrd, found.version, workdir)
+            root = f"UUID={fs.uuid}"
+            log.info("kernel %s, initrd %s, root=%s", found.kernel.path, initrd, root)
+            return kernel, initrd, root
     raise BootError(
-        f"the image {os.fspath(raw)} has no kernel: no /boot/vmlinuz-* in its filesystem",
+        f"the image {os.fspath(raw)} has no kernel: no /boot/vmlinuz-* or "
+        "/usr/lib/modules/*/vmlinuz in its filesystem",
         hint=NO_KERNEL_HINT,
     )
 
 
-def _ext_offsets(raw: Path) -> Iterator[int]:
-    """Byte offsets of ext filesystems: partitions in table order, else offset 0."""
-    with raw.open("rb") as f:
-
-        def read(offset: int, size: int) -> bytes:
-            f.seek(offset)
-            return f.read(size)
-
-        def is_ext(offset: int) -> bool:
-            magic = read(offset + _EXT_MAGIC_OFFSET, 2)
-            return len(magic) == 2 and struct.unpack("<H", magic)[0] == _EXT_MAGIC
-
-        mbr = read(0, _SECTOR)
-        if len(mbr) == _SECTOR and mbr[510:512] == b"\x55\xaa":
-            entries = [struct.unpack_from("<B3xBxxxII", mbr, 0x1BE + 16 * i) for i in range(4)]
-            if any(ptype == _MBR_PROTECTIVE for _, ptype, _, _ in entries):
-                starts = _gpt_starts(read)
-            else:
-                starts = [
-                    lba * _SECTOR
-                    for _, ptype, lba, count in entries
-                    if ptype != 0 and count != 0 and ptype not in _MBR_EXTENDED
-                ]
-            found = [start for start in starts if is_ext(start)]
-            if found:
-                yield from found
-                return
-        if is_ext(0):
-            yield 0
-
-
-def _gpt_starts(read: Callable[[int, int], bytes]) -> list[int]:
-    for sector in (512, 4096):
-        header = read(sector, 92)
-        if header[:8] != b"EFI PART":
-            continue
-        entries_lba, count, entry_size = struct.unpack_from("<QII", header, 72)
-        if not 128 <= entry_size <= 4096 or count > 1024:
-            raise BootError("the GPT header is malformed (entry size or count out of range)")
-        table = read(entries_lba * sector, count * entry_size)
-        starts = []
-        for i in range(count):
-            entry = table[i * entry_size : (i + 1) * entry_size]
-            if len(entry) < 48 or entry[:16] == bytes(16):
-                continue
-            starts.append(struct.unpack_from("<Q", entry, 32)[0] * sector)
-        return starts
-    raise BootError("the disk has a protective MBR but no GPT header at LBA 1")
-
-
-def _debugfs(device: str, request: str) -> str:
-    proc = run.run(["debugfs", "-R", request, device], what=f"debugfs {request!r} on {device}")
-    return proc.stdout.decode("utf-8", "replace")
-
-
-def _list_boot(device: str) -> list[_BootFile]:
-    # `ls -p` prints /inode/mode/uid/gid/name/size/ per entry; a missing /boot prints
-    # nothing on stdout (the error goes to stderr, exit code 0).
-    files = []
-    for line in _debugfs(device, "ls -p /boot").splitlines():
-        fields = line.split("/")
-        if len(fields) < 7 or not fields[2].isdigit():
-            continue
-        mode = int(fields[2], 8)
-        name = "/".join(fields[5:-2])
-        if mode & 0o170000 == 0o100000 and fields[-2].isdigit():
-            files.append(_BootFile(name, int(fields[-2])))
-    return files
-
-
-def _version_key(text: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key like `sort -V`: digit runs compare as numbers."""
-    return tuple(
-        (0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", text)
-    )
-
-
-def _newest_kernel(files: list[_BootFile]) -> _BootFile | None:
-    kernels = [f for f in files if f.name.startswith("vmlinuz-") and f.size > 0]
-    if not kernels:
-        return None
-    return max(kernels, key=lambda f: _version_key(f.name.removeprefix("vmlinuz-")))
-
-
-def _matching_initrd(kernel_name: str, files: list[_BootFile]) -> _BootFile | None:
-    version = kernel_name.removeprefix("vmlinuz-")
-    by_name = {f.name: f for f in files}
-    # Debian/Ubuntu, Fedora/Arch (dracut, mkinitcpio), SUSE.
-    for candidate in (f"initrd.img-{version}", f"initramfs-{version}.img", f"initrd-{version}"):
-        if candidate in by_name:
-            return by_name[candidate]
-    return None
-
-
-def _dump(device: str, item: _BootFile, workdir: Path) -> Path:
-    out = workdir / item.name
-    tmp = workdir / f".{item.name}.tmp"
-    tmp.unlink(missing_ok=True)
-    _debugfs(device, f'dump "/boot/{item.name}" "{os.fspath(tmp)}"')
-    if not tmp.is_file() or tmp.stat().st_size != item.size:
-        tmp.unlink(missing_ok=True)
-        raise BootError(
-            f"could not copy /boot/{item.name} out of {device} with debugfs",
-            hint=f"check that {workdir} is writable and has room for {item.size} bytes",
-        )
+def _copy_out(fs: extfs.ExtFs, entry: Entry, version: str, workdir: Path) -> Path:
+    name = entry.path.rpartition("/")[2]
+    if version not in name:  # /usr/lib/modules/V/vmlinuz
+        name = f"{name}-{version}"
+    out = workdir / name
+    tmp = workdir / f".{name}.tmp"
+    with fs.open(entry.path) as source, tmp.open("wb") as target:
+        shutil.copyfileobj(source, target, 1 << 20)
     tmp.replace(out)
     return out
 
 
-def _fs_uuid(device: str) -> str:
-    for line in _debugfs(device, "stats -h").splitlines():
-        if line.startswith("Filesystem UUID:"):
-            uuid = line.partition(":")[2].strip()
-            if uuid and uuid != "<none>":
-                return uuid
-    raise BootError(f"the filesystem at {device} has no UUID to pass as root=")
+def filesystem_uuid(disk: Path, workdir: Path) -> str:
+    """The UUID of the disk's root filesystem: from its manifest, else read from it."""
+    known = manifest.find_for_artifact(disk)
+    if known is not None and known.filesystem_uuid:
+        return known.filesystem_uuid
+    raw = disk
+    if qemuimg.image_format(disk) != qemuimg.RAW:
+        raw = workdir / "disk.raw"
+        qemuimg.convert_to_raw(disk, raw)
+    with extfs.open_filesystem(raw) as fs:
+        return fs.uuid
+
+
+# --- the boot command -----------------------------------------------------------------
+
+
+def boot_artifact(
+    artifact: Path,
+    *,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    append: str = "",
+    expect: str = "login:",
+    timeout: float = 300.0,
+    log_path: Path | None = None,
+    memory_mb: int = 1024,
+    progress: Progress = SILENT,
+    echo: Callable[[str], None] | None = None,
+) -> BootResult:
+    """``oci2disk boot``: boot the disk under QEMU with the kernel from its own /boot
+    (or ``kernel``), the architecture the kernel is for, and KVM when it works."""
+    if not artifact.is_file():
+        raise BootError(f"{artifact}: no such disk image")
+    log_path = log_path or artifact.with_name(artifact.name + ".boot.log")
+    with Workspace() as ws:
+        if kernel is None:
+            with progress.step("copying the kernel and initrd out of the image"):
+                kernel, found_initrd, root = kernel_from_disk(artifact, ws.path)
+            initrd = initrd or found_initrd
+        else:
+            root = f"UUID={filesystem_uuid(artifact, ws.path)}"
+        arch = kernel_arch(kernel)  # an arm64 image boots under qemu-system-aarch64
+        spec = BootSpec(
+            disk=artifact,
+            kernel=kernel,
+            initrd=initrd,
+            append=kernel_cmdline(root, append, arch=arch),
+            disk_format=qemuimg.image_format(artifact),
+            memory_mb=memory_mb,
+            arch=arch,
+        )
+        accel = choose_accel(arch)
+        with progress.step(f"booting under QEMU, {accel.reason}; waiting for {expect!r}"):
+            return boot(
+                spec,
+                expect=expect,
+                timeout=timeout,
+                log_path=log_path,
+                on_line=echo or (lambda line: progress.update(line[:100])),
+                accel=accel,
+            )

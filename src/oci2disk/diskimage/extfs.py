@@ -788,14 +788,26 @@ class ExtFs:
         number = self._lookup_number(path)
         if number is None:
             return None
-        inode = self._inode(number)
-        entry = self._entry(normalize_path(path), inode)
+        return self._grouped(normalize_path(path), self._inode(number))
+
+    def children(self, path: str) -> list[Entry]:
+        """The entries directly in the directory ``path``, names sorted as bytes."""
+        inode = self._resolve(path)
+        if inode.kind is not Kind.DIR:
+            raise VerifyError(f"{self.path}: {path} is a {_kind_name(inode)}, not a directory")
+        return [
+            self._grouped(child, self._inode(number))
+            for child, number in self._children(normalize_path(path), inode)
+        ]
+
+    def _grouped(self, path: str, inode: _Inode) -> Entry:
+        entry = self._entry(path, inode)
         if inode.nlink > 1 and entry.kind is not Kind.DIR:
             if self._groups is None:  # its other names are known only after a full walk
                 for _ in self.entries():
                     pass
             assert self._groups is not None
-            group = self._groups.get(number, "")
+            group = self._groups.get(inode.number, "")
             if group:
                 entry = replace(entry, link_group=group)
         return entry
