@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from oci2disk.convert import sha256_file
+from oci2disk.bytestreams import sha256_file
 
 MiB = 1 << 20
 

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from oci2disk import run
+from oci2disk import engine, run
 from oci2disk.arch import Arch
 from oci2disk.errors import UsageError
 from oci2disk.oci import transports
@@ -88,9 +88,7 @@ def bootstrap(spec: BootstrapSpec, workdir: Path) -> BootstrapResult:
     run.run(argv, what=f"mmdebstrap of {spec.suite} failed", hint=hint)
     size = tarball.stat().st_size
     if spec.dest.transport is Transport.DOCKER_DAEMON:
-        from oci2disk.build import docker
-
-        image_id = docker.import_rootfs(
+        image_id = engine.import_rootfs(
             tarball,
             spec.dest.name,
             spec.dest.tag or "latest",

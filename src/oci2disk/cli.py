@@ -15,50 +15,97 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from oci2disk import __version__
-from oci2disk.errors import Oci2DiskError, RecipeError, UsageError
+from oci2disk import __version__, build, manifest, settings
+from oci2disk.convert import ConvertOptions, Format
+from oci2disk.errors import Oci2DiskError, UsageError
 from oci2disk.progress import SILENT, Progress, stderr_progress
-from oci2disk.recipe import (
-    ArchiveCompression,
-    Compression,
-    DiskSpec,
-    Format,
-    FstabMode,
-    FsType,
-    InitramfsSpec,
-    KernelSpec,
-    Table,
-    TarSpec,
-    check_level,
-    parse_size,
+from oci2disk.settings import Setting
+
+# The settings each command takes as flags (the rest of the table is recipe-only).
+BUILD_SETTINGS = ("outputs.formats", "build.platform", "build.args")
+CONVERT_SETTINGS = (
+    "disk.size",
+    "disk.table",
+    "disk.fs",
+    "disk.label",
+    "disk.uuid",
+    "disk.fstab",
+    "disk.root_partition",
+    "outputs.compression",
+    "initramfs.init",
+    "initramfs.compression",
+    "tar.compression",
+    "initramfs.level",  # --level, for the cgz or the tar output
+    "kernel.version",
+    "kernel.vmlinux",
+    "build.platform",
 )
+LEVEL_OF = {Format.CGZ: "initramfs.level", Format.TAR: "tar.level"}
 
 
-def _size(text: str) -> int | None:
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f'expected a size like "4G", "512M" or "auto", got {text!r}'
-        ) from None
+def _dest(setting: Setting[Any]) -> str:
+    return setting.key.replace(".", "__")
 
 
-def _format(text: str) -> Format:
-    try:
-        return Format.parse(text)
-    except RecipeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc.message}; {exc.hint}") from None
+def add_setting(p: argparse.ArgumentParser | Any, key: str, *names: str, **extra: Any) -> None:
+    """A flag for the setting ``key``, with its help and choices from the settings table.
+
+    Every flag defaults to None (not given), so that a recipe-style check can tell a
+    value given from a default, and the same parser checks it as recipe.toml's would.
+    """
+    setting = settings.BY_KEY[key]
+    assert setting.flag is not None
+    kwargs: dict[str, Any] = {"dest": _dest(setting), "default": None, "help": setting.help}
+    if setting.cli_kind == "bool":
+        kwargs["action"] = "store_true"
+    elif setting.cli_kind == "int":
+        kwargs["type"] = int
+    elif setting.cli_kind == "map":
+        kwargs["action"] = "append"
+    if setting.choices:
+        kwargs["choices"] = setting.choices
+    elif setting.cli_kind != "bool":
+        kwargs["metavar"] = setting.metavar or setting.name.upper()
+    kwargs.update(extra)
+    p.add_argument(*names, setting.flag, **kwargs)
 
 
-def _formats(text: str) -> tuple[Format, ...]:
-    return tuple(_format(part) for part in text.split(",") if part)
+def _toml_shaped(setting: Setting[Any], raw: Any) -> Any:
+    """A flag's value as recipe.toml would hold it, for the setting's own parser."""
+    if setting.cli_kind == "list" and isinstance(raw, str):
+        return [part for part in raw.split(",") if part]
+    if setting.cli_kind == "map":
+        pairs: dict[str, str] = {}
+        for item in raw:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"{setting.flag} {item!r}: expected KEY=VALUE")
+            pairs[key] = value
+        return pairs
+    if setting.cli_kind == "bool":
+        return bool(raw) or None  # store_true: only a given flag counts as given
+    return raw
 
 
-def _build_arg(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
+def setting_values(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
+    """The settings given on the command line, parsed and checked by the settings table."""
+    values: dict[str, Any] = {}
+    for key in keys:
+        setting = settings.BY_KEY[key]
+        given = getattr(args, _dest(setting), None)
+        raw = None if given is None else _toml_shaped(setting, given)
+        if raw is None:
+            continue
+        try:
+            values[key] = setting.parse(raw)
+        except settings.Invalid as exc:
+            raise UsageError(f"{setting.flag} {given!r}: expected {exc.expected}") from None
+    return values
+
+
+def _problem(exc: settings.Problem) -> UsageError:
+    flag = settings.BY_KEY[exc.key].flag or exc.key
+    return UsageError(f"{flag}: expected {exc.expected}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,17 +123,15 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a recipe into its outputs")
     b.add_argument("recipe", type=Path, metavar="RECIPE_DIR")
     b.add_argument("-o", "--outdir", type=Path, help="output directory (default: out/RECIPE)")
-    b.add_argument(
-        "--format", type=_formats, help="outputs, e.g. raw,qcow2 (default: the recipe's)"
-    )
+    add_setting(b, "outputs.formats", help="outputs, e.g. raw,qcow2 (default: the recipe's)")
     b.add_argument(
         "--builder",
-        choices=["auto", "docker", "buildah"],
-        default="auto",
+        choices=build.CHOICES,
+        default=build.AUTO,
         help="auto (default): the Docker Engine when one answers, else buildah",
     )
-    b.add_argument("--platform", help="OS/ARCH to build for, e.g. linux/arm64 (qemu-user)")
-    b.add_argument("--build-arg", type=_build_arg, action="append", default=[], metavar="K=V")
+    add_setting(b, "build.platform")
+    add_setting(b, "build.args")
     b.add_argument("--jobs", type=int, help="outputs written at once (default: one per core)")
 
     c = sub.add_parser("convert", help="convert an existing image")
@@ -96,11 +141,19 @@ def parser() -> argparse.ArgumentParser:
         help="docker-daemon:NAME[:TAG], oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE, "
         "containers-storage:NAME[:TAG], docker://REGISTRY/NAME[:TAG], rootfs:FILE[:CONFIG]",
     )
-    c.add_argument("-f", "--format", type=_format, required=True)
+    add_setting(
+        c, "outputs.formats", "-f", required=True, help="the output format: " + Format.names()
+    )
     c.add_argument("-o", "--output", type=Path, required=True)
-    _disk_options(c)
-    _archive_options(c)
-    c.add_argument("--platform", help="OS/ARCH for multi-platform images")
+    disk = c.add_argument_group("disk outputs (raw, fs, qcow2, vmdk, vhdx, vpc, vdi)")
+    for key in CONVERT_SETTINGS:
+        if key.startswith(("disk.", "outputs.")):
+            add_setting(disk, key)
+    archive = c.add_argument_group("cgz, tar and kernel outputs")
+    for key in CONVERT_SETTINGS:
+        if key.startswith(("initramfs.", "tar.", "kernel.")):
+            add_setting(archive, key)
+    add_setting(c, "build.platform", help="OS/ARCH for multi-platform images")
     c.add_argument("--jobs", type=int, help="converters run at once (default: one per core)")
 
     s = sub.add_parser("bootstrap", help="make a Debian base image from a mirror (mmdebstrap)")
@@ -136,32 +189,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _archive_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cgz, tar and kernel outputs")
-    g.add_argument("--init", help="cgz: make /init a symlink to this init, e.g. /sbin/init")
-    choices = [c.value for c in ArchiveCompression]
-    g.add_argument("--cpio-compression", choices=choices, default="gzip", help="cgz compression")
-    g.add_argument("--tar-compression", choices=choices, default="none", help="tar compression")
-    g.add_argument("--level", type=int, help="compression level of the cgz or tar output")
-    g.add_argument("--kernel-version", help="kernel: this version instead of the newest")
-    g.add_argument("--vmlinux", action="store_true", help="kernel: also write an ELF vmlinux")
-
-
-def _disk_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", type=_size, default=None, help="4G, 512M or auto (default)")
-    p.add_argument("--table", choices=[t.value for t in Table], default="mbr")
-    p.add_argument("--fs", choices=[f.value for f in FsType], default="ext4")
-    p.add_argument("--label", default="rootfs")
-    p.add_argument("--uuid", default=None)
-    p.add_argument("--fstab", choices=[f.value for f in FstabMode], default="uuid")
-    p.add_argument(
-        "--compression",
-        choices=[c.value for c in Compression],
-        default="none",
-        help="qcow2 compression",
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -189,12 +216,18 @@ def _print_error(exc: Oci2DiskError, debug: bool) -> None:
     print(f"error: {exc}", file=sys.stderr)
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any], progress: Progress) -> None:
+def _emit(args: argparse.Namespace, made: manifest.RunManifest, progress: Progress) -> None:
     if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
+        print(json.dumps(manifest.to_json(made), indent=2, sort_keys=True))
         return
-    for artifact in data.get("artifacts", []):
-        progress.message(f"{artifact['format']:>6}  {artifact['path']}  ({artifact['size']} bytes)")
+    for artifact in made.artifacts:
+        progress.message(f"{artifact.format:>6}  {artifact.path}  ({artifact.size} bytes)")
+
+
+def _warn(made: manifest.RunManifest) -> None:
+    """What the outputs could not keep; shown once, whatever the progress setting."""
+    for warning in made.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_build(args: argparse.Namespace, progress: Progress) -> int:
@@ -204,57 +237,77 @@ def cmd_build(args: argparse.Namespace, progress: Progress) -> int:
         if args.verbose:
             print(f"    | {line}", file=sys.stderr)
 
+    values = setting_values(args, BUILD_SETTINGS)
     result = build_recipe(
         args.recipe,
         outdir=args.outdir,
-        formats=args.format,
-        build_args=dict(args.build_arg),
+        formats=values.get("outputs.formats"),
+        build_args=values.get("build.args"),
         builder=args.builder,
-        platform=args.platform,
+        platform=values.get("build.platform"),
         progress=progress,
         on_build_line=show,
-        jobs=args.jobs,
+        jobs=_jobs(args.jobs),
+        source_date_epoch=settings.source_date_epoch(),
     )
+    _warn(result.manifest)
     _emit(args, result.manifest, progress)
     progress.message(f"manifest: {result.manifest_path}")
     return 0
 
 
-def cmd_convert(args: argparse.Namespace, progress: Progress) -> int:
-    from oci2disk.convert import ConvertOptions
-    from oci2disk.oci.layout import Platform
-    from oci2disk.pipeline import convert_ref, source_date_epoch
+def _jobs(jobs: int | None) -> int | None:
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"--jobs {jobs}: expected at least 1")
+    return jobs
 
-    disk = DiskSpec(
-        table=Table(args.table),
-        fs=FsType(args.fs),
-        size=args.size,
-        label=args.label,
-        uuid=args.uuid,
-        fstab=FstabMode(args.fstab),
-    )
-    cpio = ArchiveCompression(args.cpio_compression)
-    tar = ArchiveCompression(args.tar_compression)
-    level_of = {Format.CGZ: cpio, Format.TAR: tar}
-    if args.level is not None:
-        if args.format not in level_of:
+
+def convert_options(args: argparse.Namespace) -> tuple[Format, ConvertOptions]:
+    """The format and options of ``oci2disk convert``, checked as a recipe's would be."""
+    values = setting_values(args, [k for k in CONVERT_SETTINGS if k != "initramfs.level"])
+    fmt = _one_format(args.outputs__formats)
+    if args.initramfs__level is not None:
+        key = LEVEL_OF.get(fmt)
+        if key is None:
             raise UsageError("--level applies to the cgz and tar formats only")
-        problem = check_level(level_of[args.format], args.level)
-        if problem:
-            raise UsageError(f"--level {args.level}: expected {problem}")
-    options = ConvertOptions(
-        disk,
-        Compression(args.compression),
-        source_date_epoch(),
-        initramfs=InitramfsSpec(args.init, cpio, args.level if args.format is Format.CGZ else None),
-        tar=TarSpec(tar, args.level if args.format is Format.TAR else None),
-        kernel=KernelSpec(args.kernel_version, args.vmlinux),
-        jobs=args.jobs,
-    )
-    platform = Platform.parse(args.platform) if args.platform else None
+        values[key] = settings.level(args.initramfs__level)
+    try:
+        options = ConvertOptions(
+            settings.disk_spec(values),
+            settings.get(values, "outputs.compression"),
+            settings.source_date_epoch(),
+            initramfs=settings.initramfs_spec(values),
+            tar=settings.tar_spec(values),
+            kernel=settings.kernel_spec(values),
+            jobs=_jobs(args.jobs),
+        )
+    except settings.Problem as exc:
+        raise _problem(exc) from None
+    return fmt, options
+
+
+def _one_format(text: str) -> Format:
+    setting = settings.BY_KEY["outputs.formats"]
+    try:
+        found = setting.parse(_toml_shaped(setting, text))
+    except settings.Invalid as exc:
+        raise UsageError(f"-f/--format {text!r}: expected {exc.expected}") from None
+    if len(found) != 1:
+        raise UsageError(f"-f/--format {text!r}: expected one format (build writes several)")
+    result: Format = found[0]
+    return result
+
+
+def cmd_convert(args: argparse.Namespace, progress: Progress) -> int:
+    from oci2disk.oci.layout import Platform
+    from oci2disk.pipeline import convert_ref
+
+    fmt, options = convert_options(args)
+    platform = Platform.parse(args.build__platform) if args.build__platform else None
     result = convert_ref(
-        args.source, args.format, args.output, options, platform=platform, progress=progress
+        args.source, fmt, args.output, options, platform=platform, progress=progress
     )
+    _warn(result.manifest)
     _emit(args, result.manifest, progress)
     return 0
 

@@ -1,4 +1,4 @@
-"""The small JSON manifest every run writes beside its outputs."""
+"""The run manifest: a typed value of what a run made, written beside its outputs as JSON."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from typing import Any
 from oci2disk import __version__
 from oci2disk.convert import ConvertResult
 from oci2disk.convert.disk import root_partuuid
+from oci2disk.convert.options import ConvertOptions
 from oci2disk.oci.layout import OciImage
+from oci2disk.settings import qcow2_name
 
 SUFFIX = ".manifest.json"
 
@@ -21,56 +23,147 @@ def manifest_path(directory: Path, name: str) -> Path:
     return directory / f"{name}{SUFFIX}"
 
 
-def build_manifest(
+@dataclass(frozen=True)
+class Source:
+    ref: str
+    digest: str
+    config_digest: str
+    platform: str
+
+
+@dataclass(frozen=True)
+class ArtifactEntry:
+    path: Path
+    format: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    type: str
+    uuid: str
+    label: str
+    offset: int
+    size: int
+    table: str
+    root_partition: int | None
+    # root=PARTUUID=... works without an initramfs, whatever the kernel names the disk
+    root_partuuid: str | None
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """What a run made, from what, and how: written beside the outputs as JSON."""
+
+    source: Source
+    artifacts: tuple[ArtifactEntry, ...]
+    generated: tuple[str, ...]
+    warnings: tuple[str, ...]
+    options: ConvertOptions
+    recipe: Path | None = None
+    filesystem: Filesystem | None = None
+    version: str = __version__
+
+
+def from_run(
     *,
     source: str,
     image: OciImage,
     result: ConvertResult,
-    options: dict[str, Any],
-    recipe: str | None = None,
-) -> dict[str, Any]:
+    options: ConvertOptions,
+    recipe: Path | None = None,
+) -> RunManifest:
+    filesystem = None
+    if result.fs is not None and result.layout is not None:
+        filesystem = Filesystem(
+            type=result.fs.fs.value,
+            uuid=result.fs.uuid,
+            label=result.fs.label,
+            offset=result.layout.fs_offset,
+            size=result.layout.fs_bytes,
+            table=result.layout.table.value,
+            root_partition=result.layout.root_partition,
+            root_partuuid=root_partuuid(result.layout, result.fs),
+        )
+    return RunManifest(
+        source=Source(
+            ref=source,
+            digest=image.digest,
+            config_digest=image.config_descriptor.digest,
+            platform=str(image.config.platform),
+        ),
+        artifacts=tuple(
+            ArtifactEntry(a.path, a.format.label, a.size, a.sha256) for a in result.artifacts
+        ),
+        generated=result.generated,
+        warnings=result.warnings,
+        options=options,
+        recipe=recipe,
+        filesystem=filesystem,
+    )
+
+
+def options_json(options: ConvertOptions) -> dict[str, Any]:
+    d = options.disk
+    return {
+        "table": d.table.value,
+        "fs": d.fs.value,
+        "size": "auto" if d.size is None else d.size,
+        "label": d.label,
+        "fstab": d.fstab.value,
+        "compression": qcow2_name(options.compression),
+        "source_date_epoch": options.source_date_epoch,
+        "initramfs": {
+            "init": options.initramfs.init,
+            "compression": options.initramfs.compression.label,
+            "level": options.initramfs.level,
+        },
+        "tar": {"compression": options.tar.compression.label, "level": options.tar.level},
+        "kernel": {"version": options.kernel.version, "vmlinux": options.kernel.vmlinux},
+    }
+
+
+def to_json(manifest: RunManifest) -> dict[str, Any]:
+    """The manifest as JSON data: the file beside the outputs and ``--json`` both."""
     data: dict[str, Any] = {
-        "oci2disk": __version__,
+        "oci2disk": manifest.version,
         "source": {
-            "ref": source,
-            "digest": image.digest,
-            "config_digest": image.config_descriptor.digest,
-            "platform": str(image.config.platform),
+            "ref": manifest.source.ref,
+            "digest": manifest.source.digest,
+            "config_digest": manifest.source.config_digest,
+            "platform": manifest.source.platform,
         },
         "artifacts": [
-            {
-                "path": os.fspath(a.path),
-                "format": a.format.value,
-                "size": a.size,
-                "sha256": a.sha256,
-            }
-            for a in result.artifacts
+            {"path": os.fspath(a.path), "format": a.format, "size": a.size, "sha256": a.sha256}
+            for a in manifest.artifacts
         ],
-        "generated": list(result.generated),
-        "warnings": list(result.warnings),
-        "options": options,
+        "generated": list(manifest.generated),
+        "warnings": list(manifest.warnings),
+        "options": options_json(manifest.options),
     }
-    if recipe is not None:
-        data["recipe"] = recipe
-    if result.fs is not None and result.layout is not None:
+    if manifest.recipe is not None:
+        data["recipe"] = os.fspath(manifest.recipe)
+    fs = manifest.filesystem
+    if fs is not None:
         data["filesystem"] = {
-            "type": result.fs.fs.value,
-            "uuid": result.fs.uuid,
-            "label": result.fs.label,
-            "offset": result.layout.fs_offset,
-            "size": result.layout.fs_bytes,
-            "table": result.layout.table.value,
+            "type": fs.type,
+            "uuid": fs.uuid,
+            "label": fs.label,
+            "offset": fs.offset,
+            "size": fs.size,
+            "table": fs.table,
         }
-        data["root_partition"] = result.layout.root_partition
-        # root=PARTUUID=... works without an initramfs, whatever the kernel names the disk
-        data["root_partuuid"] = root_partuuid(result.layout, result.fs)
+        data["root_partition"] = fs.root_partition
+        data["root_partuuid"] = fs.root_partuuid
     return data
 
 
-def write_manifest(path: Path, data: dict[str, Any]) -> Path:
+def write(path: Path, manifest: RunManifest) -> Path:
+    """Write ``manifest`` as ``path`` atomically (a temp name beside it, then renamed)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(to_json(manifest), f, indent=2, sort_keys=True)
         f.write("\n")
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)

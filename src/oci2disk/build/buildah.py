@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from oci2disk import run
+from oci2disk.build.spec import BuilderKind, BuildSpec
 from oci2disk.errors import BuildError, CommandError, Oci2DiskError
 from oci2disk.oci import transports
 from oci2disk.oci.layout import OciImage, open_layout
-from oci2disk.recipe import BuildSpec
 from oci2disk.refs import ImageRef, Transport, is_loopback_registry
 
 log = logging.getLogger("oci2disk.build")
@@ -279,3 +279,24 @@ def _instructions(dockerfile: str) -> Iterator[str]:
         current = ""
     if current.strip():
         yield current.strip()
+
+
+class BuildahBuilder:
+    kind = BuilderKind.BUILDAH
+
+    def available(self) -> bool:
+        return available()
+
+    def build(
+        self, spec: BuildSpec, tag: str, *, on_line: Callable[[str], None] | None = None
+    ) -> str:
+        return build(spec, tag, on_line=on_line)
+
+    def export(self, tag: str, image_id: str, layout: Path) -> OciImage:
+        return export(image_id, layout)
+
+    def source(self, tag: str) -> str:
+        return f"containers-storage:localhost/{tag}"
+
+
+BUILDER = BuildahBuilder()

@@ -1,64 +1,28 @@
-"""Docker Engine backend, through docker-py.
+"""Docker Engine builder: builds a recipe's Dockerfile with the engine's builder.
 
-Builds a recipe's Dockerfile with the engine's builder, streams the build log, and
-exports images as OCI layouts (``docker save`` read as a stream, every blob hashed).
+The build log streams through ``on_line``; the image leaves the engine as an OCI layout
+(:func:`oci2disk.engine.save_to_layout`).
+
 Host tools: a running dockerd (Debian package docker.io).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from oci2disk.errors import BuildError, ImageError, Oci2DiskError
-from oci2disk.oci.layout import OciImage, layout_from_docker_archive
-from oci2disk.recipe import BuildSpec
+from oci2disk import engine
+from oci2disk.build.spec import BuilderKind, BuildSpec
+from oci2disk.errors import BuildError, Oci2DiskError
+from oci2disk.oci.layout import OciImage
 
 log = logging.getLogger("oci2disk.build")
 
 STEP_RE = re.compile(r"^Step \d+/\d+ : ")
 TAIL = 20
-
-DOCKER_HINT = "start the engine (`dockerd &`, or ./setup.sh which starts it), or check DOCKER_HOST"
-
-
-def client() -> Any:
-    """A low-level docker-py client for the engine from the environment."""
-    try:
-        import docker
-        import docker.errors
-    except ImportError:  # pragma: no cover - it is a dependency
-        raise Oci2DiskError(
-            "the docker Python package is missing", hint="pip install docker"
-        ) from None
-    try:
-        api = docker.APIClient(base_url=_base_url(), version="auto", timeout=600)
-        api.ping()
-    except Exception as exc:
-        raise BuildError(f"no Docker Engine answers ({_short(exc)})", hint=DOCKER_HINT) from None
-    return api
-
-
-def _base_url() -> str:
-    return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
-
-
-def engine_available() -> bool:
-    try:
-        client()
-    except Oci2DiskError:
-        return False
-    return True
 
 
 def build(spec: BuildSpec, tag: str, *, on_line: Callable[[str], None] | None = None) -> str:
@@ -67,7 +31,7 @@ def build(spec: BuildSpec, tag: str, *, on_line: Callable[[str], None] | None = 
     On failure the error names the failing step and carries the log tail.
     """
     assert spec.dockerfile is not None
-    api = client()
+    api = engine.client()
     try:
         dockerfile = str(spec.dockerfile.relative_to(spec.context))
     except ValueError:
@@ -94,7 +58,7 @@ def build(spec: BuildSpec, tag: str, *, on_line: Callable[[str], None] | None = 
     except Oci2DiskError:
         raise
     except Exception as exc:
-        raise BuildError(f"docker build could not run: {_short(exc)}") from None
+        raise BuildError(f"docker build could not run: {engine.short(exc)}") from None
 
 
 def _follow_build(events: Iterable[dict[str, Any]], on_line: Callable[[str], None] | None) -> str:
@@ -132,59 +96,22 @@ def _follow_build(events: Iterable[dict[str, Any]], on_line: Callable[[str], Non
     return image_id
 
 
-class _ChunkReader(io.RawIOBase):
-    """A file object over an iterator of byte chunks (docker-py's save stream)."""
+class DockerBuilder:
+    kind = BuilderKind.DOCKER
 
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buf = b""
+    def available(self) -> bool:
+        return engine.engine_available()
 
-    def readable(self) -> bool:
-        return True
+    def build(
+        self, spec: BuildSpec, tag: str, *, on_line: Callable[[str], None] | None = None
+    ) -> str:
+        return build(spec, tag, on_line=on_line)
 
-    def readinto(self, buffer: Any) -> int:
-        while not self._buf:
-            try:
-                self._buf = next(self._chunks)
-            except StopIteration:
-                return 0
-        n = min(len(buffer), len(self._buf))
-        buffer[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+    def export(self, tag: str, image_id: str, layout: Path) -> OciImage:
+        return engine.save_to_layout(tag, layout)
+
+    def source(self, tag: str) -> str:
+        return f"docker-daemon:{tag}"
 
 
-def save_to_layout(name: str, layout: Path, tag: str | None = None) -> OciImage:
-    """Export an engine image as an OCI layout (``docker save`` streamed, digests computed)."""
-    api = client()
-    try:
-        api.inspect_image(name)
-    except Exception:
-        raise ImageError(
-            f"the Docker Engine has no image {name!r}",
-            hint="build or load it first (`docker images` lists what the engine has)",
-        ) from None
-    try:
-        chunks = api.get_image(name, chunk_size=1 << 20)
-        stream = io.BufferedReader(_ChunkReader(iter(chunks)), buffer_size=1 << 20)
-        return layout_from_docker_archive(stream, layout, tag)
-    except Oci2DiskError:
-        raise
-    except Exception as exc:
-        raise ImageError(f"docker save of {name} failed: {_short(exc)}") from None
-
-
-def import_rootfs(tar_path: Path, name: str, tag: str, *, changes: Iterable[str] = ()) -> str:
-    """``docker import`` a flat rootfs tarball as image ``name:tag``; return its id."""
-    api = client()
-    try:
-        result = api.import_image_from_file(
-            str(tar_path), repository=name, tag=tag, changes=list(changes)
-        )
-    except Exception as exc:
-        raise ImageError(f"docker import of {tar_path} failed: {_short(exc)}") from None
-    text = result if isinstance(result, str) else str(result)
-    match = re.search(r"sha256:[0-9a-f]{64}", text)
-    if not match:
-        raise ImageError(f"docker import of {tar_path} gave no image id: {text[-300:]}")
-    return match.group(0)
+BUILDER = DockerBuilder()

@@ -1,4 +1,6 @@
-"""Compressed output streams for the cgz and tar outputs, and reading them back.
+"""Compressed output streams for the cgz and tar outputs.
+
+Reading them back is :func:`oci2disk.compression.open_decompressed`.
 
 gzip uses the fastest compressor found: ``igzip`` (ISA-L, several times faster than
 zlib at a similar ratio) when no level is asked for, else ``pigz`` at the level asked
@@ -14,13 +16,10 @@ Host tools: igzip (isal), pigz, xz (xz-utils); all optional.
 from __future__ import annotations
 
 import gzip
-import io
 import logging
 import lzma
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -29,55 +28,46 @@ from typing import BinaryIO, cast
 import zstandard
 
 from oci2disk import run
-from oci2disk.errors import VerifyError
-from oci2disk.recipe import ArchiveCompression
+from oci2disk.compression import Compression
 
 log = logging.getLogger("oci2disk.compress")
 
-CHUNK = 1 << 20
-_NONE = ArchiveCompression.NONE
 DEFAULT_ZSTD_LEVEL = 3
 DEFAULT_XZ_LEVEL = 6
 # Without igzip, gzip -1 is about as small as igzip -3 and three times faster than -6.
 DEFAULT_GZIP_LEVEL = 1
 IGZIP_LEVEL = 3
 
-MAGIC = {
-    b"\x1f\x8b": ArchiveCompression.GZIP,
-    b"\x28\xb5\x2f\xfd": ArchiveCompression.ZSTD,
-    b"\xfd7zXZ\x00": ArchiveCompression.XZ,
-}
-
 
 def _tool(name: str) -> str | None:
     return shutil.which(name)
 
 
-def describe(compression: ArchiveCompression, level: int | None) -> str:
+def describe(compression: Compression, level: int | None) -> str:
     """Which program and level :func:`compressed` will use, e.g. ``igzip -3``."""
-    if compression is _NONE:
+    if compression is Compression.NONE:
         return "none"
     return " ".join(_plan(compression, level)[:2])
 
 
-def _plan(compression: ArchiveCompression, level: int | None) -> list[str]:
-    """argv of the external compressor, or ``["python", LEVEL]`` for the in-process one."""
-    if compression is ArchiveCompression.GZIP:
+def _plan(compression: Compression, level: int | None) -> list[str]:
+    """argv of the external compressor, or ``["python-...", LEVEL]`` for the in-process one."""
+    if compression is Compression.GZIP:
         if level is None and _tool("igzip"):
             return ["igzip", f"-{IGZIP_LEVEL}", "-T", str(_cores()), "-n", "-c"]
         level = DEFAULT_GZIP_LEVEL if level is None else level
         if _tool("pigz"):
             return ["pigz", f"-{level}", "-n", "-c"]
         return ["python-zlib", f"-{level}"]
-    if compression is ArchiveCompression.ZSTD:
+    if compression is Compression.ZSTD:
         return ["python-zstandard", f"-{DEFAULT_ZSTD_LEVEL if level is None else level}"]
-    if compression is ArchiveCompression.XZ:
+    if compression is Compression.XZ:
         level = DEFAULT_XZ_LEVEL if level is None else level
         if _tool("xz"):
             # -T0 is multi-threaded mode even on one core: the same bytes on any machine.
             return ["xz", f"-{level}", "-T0", "--check=crc32", "-c"]
         return ["python-lzma", f"-{level}"]
-    raise AssertionError(compression)
+    raise ValueError(f"the cgz and tar outputs cannot be {compression.label}-compressed")
 
 
 def _cores() -> int:
@@ -86,7 +76,7 @@ def _cores() -> int:
 
 @contextmanager
 def compressed(
-    path: Path, compression: ArchiveCompression, level: int | None = None
+    path: Path, compression: Compression, level: int | None = None
 ) -> Iterator[BinaryIO]:
     """A binary sink whose bytes land in ``path`` compressed; complete when the block ends.
 
@@ -94,7 +84,7 @@ def compressed(
     owns ``path`` and removes it).
     """
     with path.open("wb") as out:
-        if compression is _NONE:
+        if compression is Compression.NONE:
             yield cast(BinaryIO, out)
             return
         plan = _plan(compression, level)
@@ -104,17 +94,17 @@ def compressed(
             with _in_process(out, compression, int(flag[1:])) as sink:
                 yield sink
             return
-        with _external(plan, out) as sink:
+        with run.feeding(plan, stdout=out, what=f"{program} failed") as sink:
             yield sink
 
 
 @contextmanager
-def _in_process(out: BinaryIO, compression: ArchiveCompression, level: int) -> Iterator[BinaryIO]:
+def _in_process(out: BinaryIO, compression: Compression, level: int) -> Iterator[BinaryIO]:
     with ExitStack() as stack:
-        if compression is ArchiveCompression.GZIP:
+        if compression is Compression.GZIP:
             gz = gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=level)
             yield cast(BinaryIO, stack.enter_context(gz))
-        elif compression is ArchiveCompression.ZSTD:
+        elif compression is Compression.ZSTD:
             compressor = zstandard.ZstdCompressor(
                 level=level, threads=_cores(), write_checksum=True
             )
@@ -123,63 +113,3 @@ def _in_process(out: BinaryIO, compression: ArchiveCompression, level: int) -> I
             crc32 = lzma.CHECK_CRC32
             with lzma.LZMAFile(out, "wb", format=lzma.FORMAT_XZ, check=crc32, preset=level) as xz:
                 yield cast(BinaryIO, xz)
-
-
-@contextmanager
-def _external(argv: list[str], out: BinaryIO) -> Iterator[BinaryIO]:
-    with tempfile.TemporaryFile() as errfile:
-        proc = run.start(argv, stdin=subprocess.PIPE, stdout=out, stderr=errfile)
-        assert proc.stdin is not None
-        stdin = cast(BinaryIO, proc.stdin)
-        broken = False
-        try:
-            yield stdin
-            stdin.close()
-        except BrokenPipeError:
-            broken = True  # the compressor stopped reading; its exit status says why
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        code = proc.wait()
-        if code != 0 or broken:
-            errfile.seek(0)
-            raise run.command_error(argv, code, errfile.read(), what=f"{argv[0]} failed")
-
-
-def detect(head: bytes) -> ArchiveCompression:
-    for magic, compression in MAGIC.items():
-        if head.startswith(magic):
-            return compression
-    return _NONE
-
-
-@contextmanager
-def open_decompressed(path: Path) -> Iterator[BinaryIO]:
-    """Read a gzip, zstd or xz file (or an uncompressed one) as one stream."""
-    with ExitStack() as stack:
-        raw = stack.enter_context(path.open("rb"))
-        compression = detect(raw.read(8))
-        raw.seek(0)
-        stream: BinaryIO
-        if compression is ArchiveCompression.GZIP:
-            stream = cast(BinaryIO, stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")))
-        elif compression is ArchiveCompression.ZSTD:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            stream = cast(BinaryIO, io.BufferedReader(cast(io.RawIOBase, reader), CHUNK))
-            stack.callback(stream.close)
-        elif compression is ArchiveCompression.XZ:
-            stream = cast(BinaryIO, stack.enter_context(lzma.LZMAFile(raw, "rb")))
-        else:
-            stream = cast(BinaryIO, raw)
-        try:
-            yield stream
-        except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as exc:
-            raise VerifyError(
-                f"{path}: cannot decompress its {compression.value} data ({exc})"
-            ) from None
-
-
-def suffix(compression: ArchiveCompression) -> str:
-    """File name suffix of a compressed stream: ``.gz``, ``.zst``, ``.xz`` or nothing."""
-    return {"gzip": ".gz", "zstd": ".zst", "xz": ".xz", "none": ""}[compression.value]

@@ -23,12 +23,13 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from oci2disk.bytestreams import CHUNK, BatchingWriter
 from oci2disk.convert import compress
+from oci2disk.convert.options import ConvertOptions, InitramfsSpec
+from oci2disk.convert.plugin import OutputFormat
 from oci2disk.errors import ConvertError
-from oci2disk.recipe import InitramfsSpec
 from oci2disk.rootfs import Entry, Kind, Tree, follow
 from oci2disk.rootfs.model import NS
 
@@ -42,6 +43,9 @@ FIELD_MAX = 0xFFFFFFFF
 CONSOLE = (5, 1)
 # Where an image's init usually is; offered in the error when /init is missing.
 INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd", "/bin/sh")
+
+if TYPE_CHECKING:
+    from oci2disk.convert.job import Job
 
 
 @dataclass(frozen=True)
@@ -242,3 +246,35 @@ def _copy(rootfs: Tree, path: str, size: int, writer: BatchingWriter) -> None:
                 break
     if copied != size:
         raise ConvertError(f"/{path}: read {copied} of its {size} bytes from the image layers")
+
+
+# ------------------------------------------------------------------ the cgz format
+
+
+def write(job: Job, out: Path) -> None:
+    spec = job.options.initramfs
+    how = compress.describe(spec.compression, spec.level)
+    with job.progress.step(f"writing the initramfs cpio (compression: {how})"):
+        stats = write_cgz(
+            job.rootfs,
+            out,
+            spec,
+            mtime=job.timestamp,
+            wrap=lambda s: job.stream(s, "initramfs cpio"),
+        )
+    job.note_added(stats.added)
+
+
+def cgz_name(base: str, options: ConvertOptions) -> str:
+    compression = options.initramfs.compression
+    if compression.label == "gzip":
+        return f"{base}.cgz"
+    return f"{base}.cpio{compression.suffix}"
+
+
+CGZ = OutputFormat(
+    name="cgz",
+    summary="an initramfs: newc cpio, gzip by default (--init, --cpio-compression)",
+    write=write,
+    output_name=cgz_name,
+)

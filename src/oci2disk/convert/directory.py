@@ -26,8 +26,10 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oci2disk.bytestreams import CHUNK
+from oci2disk.convert.plugin import OutputFormat, named
 from oci2disk.errors import ConvertError
 from oci2disk.rootfs import Entry, Kind, Tree
 
@@ -36,6 +38,9 @@ log = logging.getLogger("oci2disk.directory")
 SHOWN = 10  # paths named per kind of loss in the summary
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+if TYPE_CHECKING:
+    from oci2disk.convert.job import Job
 
 
 @dataclass
@@ -237,3 +242,24 @@ def _setxattr_at(parent: int, name: str, key: str, value: bytes) -> None:
     # No setxattrat() in Python: go through /proc's view of the parent descriptor, which
     # resolves the final name without following it.
     os.setxattr(f"/proc/self/fd/{parent}/{name}", key, value, follow_symlinks=False)
+
+
+# ------------------------------------------------------------------ the dir format
+
+
+def write(job: Job, out: Path) -> None:
+    target = job.targets[DIR]
+    with job.progress.step(f"extracting the rootfs into {target.name}/"):
+        report = extract(job.rootfs, out, check=job.check)
+    for line in report.summary():
+        job.warn(f"{target}: {line}")
+    job.digests[out] = report.digest
+
+
+DIR = OutputFormat(
+    name="dir",
+    summary="the rootfs as a directory, for an nfsroot",
+    write=write,
+    output_name=named("rootfs"),
+    directory=True,
+)

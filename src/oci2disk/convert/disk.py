@@ -14,25 +14,22 @@ Host tools: mke2fs and debugfs (e2fsprogs >= 1.47.1), sfdisk (fdisk).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import math
 import re
-import subprocess
-import tempfile
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO
 
 from oci2disk import run
 from oci2disk.arch import Arch
+from oci2disk.convert.options import DiskSpec, FstabMode, FsType, Table
+from oci2disk.convert.plugin import OutputFormat, Tool, named
 from oci2disk.diskimage import partitions
-from oci2disk.errors import ConvertError, ToolMissingError
-from oci2disk.recipe import DiskSpec, FstabMode, FsType, Table
+from oci2disk.errors import CommandError, ConvertError, ToolMissingError
 from oci2disk.rootfs import Entry, ExtraFile, Kind, RootfsStats, Tree
 from oci2disk.rootfs.flat import FlatRootfs
 
@@ -54,8 +51,10 @@ MIN_MKE2FS = (1, 47, 1)
 COMPAT_FEATURES = "^orphan_file,^metadata_csum_seed"
 # Only this xattr survives mke2fs's tarball reader (see module docstring).
 MKE2FS_KEPT_XATTRS = frozenset({"security.capability"})
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 UUID_NAMESPACE = uuidlib.UUID("6f1c1d8e-58a4-4d0e-9a4f-0c12d0a5e7b1")
+
+if TYPE_CHECKING:
+    from oci2disk.convert.job import Job
 
 
 @dataclass(frozen=True)
@@ -318,53 +317,34 @@ def write_filesystem(
         argv += ["-O", COMPAT_FEATURES]
     argv += [str(path), str(blocks)]
     env = {"E2FSPROGS_FAKE_TIME": str(timestamp), "MKE2FS_DEVICE_SECTSIZE": "512"}
-    with tempfile.TemporaryFile() as errfile:
-        proc = run.start(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errfile, env=env
-        )
-        assert proc.stdin is not None
-        _widen_pipe(proc.stdin.fileno())
-        broken = False
-        try:
-            stdin = cast(BinaryIO, proc.stdin)
-            sink = wrap(stdin) if wrap else stdin
-            root.write_tar(sink, extra=extra)
-        except BrokenPipeError:
-            broken = True  # mke2fs stopped reading; its exit status says why
-        finally:
-            try:
-                proc.stdin.close()
-            except BrokenPipeError:
-                broken = True
-            code = proc.wait()
-        errfile.seek(0)
-        stderr = errfile.read()
-    if code != 0 or broken:
-        text = stderr.decode(errors="replace")
-        if (
-            "Could not allocate block" in text
-            or "No space left" in text
-            or ("inode" in text.lower() and "allocate" in text.lower())
-        ):
+    try:
+        with run.feeding(argv, env=env, parsed=True, what="mke2fs failed") as stdin:
+            root.write_tar(wrap(stdin) if wrap else stdin, extra=extra)
+    except CommandError as exc:
+        if out_of_space(exc):
             raise too_small(
                 layout.fs_bytes + layout.fs_offset,
                 estimate_fs_bytes(root.stats, identity.fs),
                 layout.fs_offset,
-            )
-        hint = None
-        if "libarchive" in text:
-            hint = "install libarchive13 (mke2fs loads it to read tarballs)"
-        raise run.command_error(argv, code, stderr, what="mke2fs failed", hint=hint)
+            ) from None
+        if "libarchive" in exc.stderr_tail:
+            exc.hint = "install libarchive13 (mke2fs loads it to read tarballs)"
+        raise
 
 
-def _widen_pipe(fd: int) -> None:
-    """Give the pipe into mke2fs 1 MiB of buffer.
+# libext2fs's own error codes for a full filesystem (lib/ext2fs/ext2_err.et): mke2fs
+# reports them by name, and its final errno ("Operation not permitted" here) says nothing.
+# run.feeding(parsed=True) runs mke2fs in the C locale, so they are never translated.
+OUT_OF_SPACE = (
+    "Could not allocate block in ext2 filesystem",  # EXT2_ET_BLOCK_ALLOC_FAIL
+    "Could not allocate inode in ext2 filesystem",  # EXT2_ET_INODE_ALLOC_FAIL
+    "No free space in the directory",  # EXT2_ET_DIR_NO_SPACE
+)
 
-    libarchive reads stdin 4 KiB at a time; with the default 64 KiB pipe the two
-    processes ping-pong and mke2fs takes about 20% longer (measured here).
-    """
-    with contextlib.suppress(OSError):  # a lower pipe-max-size limit only costs speed
-        fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+
+def out_of_space(error: CommandError) -> bool:
+    """Whether mke2fs failed because the filesystem could not hold the content."""
+    return error.returncode != 0 and any(code in error.stderr_tail for code in OUT_OF_SPACE)
 
 
 def apply_extra_xattrs(root: Tree, path: Path, layout: DiskLayout, workdir: Path) -> int:
@@ -416,3 +396,44 @@ def quote(text: str) -> str:
             "which debugfs cannot take"
         )
     return f'"{text}"'
+
+
+# ------------------------------------------------------------------ the raw and fs formats
+
+MKE2FS = Tool("mke2fs", "e2fsprogs (>= 1.47.1, from bookworm-backports)")
+DEBUGFS = Tool("debugfs", "e2fsprogs")
+SFDISK = Tool("sfdisk", "fdisk")
+DISK_TOOLS = (MKE2FS, DEBUGFS, SFDISK)
+
+
+def write_raw(job: Job, out: Path) -> None:
+    built = job.raw_disk()
+    if built != out:  # the run gives the raw output's temp path to the job first
+        raise ConvertError(f"the raw disk was built at {built}, not at its output {out}")
+
+
+def write_fs(job: Job, out: Path) -> None:
+    layout = job.build_fs(out, replace(job.options.disk, table=Table.NONE))
+    if job.layout is None:
+        job.layout = layout
+
+
+RAW = OutputFormat(
+    name="raw",
+    summary="a raw disk: partition table (mbr or gpt) and an ext filesystem",
+    write=write_raw,
+    output_name=named("raw"),
+    tools=DISK_TOOLS,
+    disk=True,
+    raw=True,
+    preflight=require_mke2fs,
+)
+FS = OutputFormat(
+    name="fs",
+    summary="a bare ext filesystem image, no partition table",
+    write=write_fs,
+    output_name=named("ext4"),
+    tools=(MKE2FS, DEBUGFS),
+    disk=True,
+    preflight=require_mke2fs,
+)

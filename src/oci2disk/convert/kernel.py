@@ -16,17 +16,24 @@ import logging
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oci2disk import run
 from oci2disk.bytestreams import CHUNK
 from oci2disk.compression import DECOMPRESS_ERRORS, Compression
+from oci2disk.convert.options import ConvertOptions
+from oci2disk.convert.plugin import OutputFormat
 from oci2disk.errors import ConvertError
 from oci2disk.rootfs import Entry, Tree
+from oci2disk.rootfs import kernels as kernel_finder
 from oci2disk.rootfs.kernels import KernelFiles
 
 log = logging.getLogger("oci2disk.kernel")
 
 ELF_MAGIC = b"\x7fELF"
+
+if TYPE_CHECKING:
+    from oci2disk.convert.job import Job
 
 
 def write_kernel(
@@ -141,3 +148,37 @@ def _unlz4(data: bytes, workdir: Path) -> bytes | None:
     finally:
         source.unlink(missing_ok=True)
     return proc.stdout or None
+
+
+# ------------------------------------------------------------------ the kernel format
+
+
+def write(job: Job, out: Path) -> None:
+    spec = job.options.kernel
+    chosen = kernel_finder.choose(job.rootfs, spec.version)
+    where = job.targets[KERNEL].parent
+    initrd = job.sibling(KERNEL, where / "initrd.img") if chosen.initrd else None
+    if chosen.initrd is None:
+        job.warn(f"the image has no initrd for kernel {chosen.version}; wrote the kernel only")
+    vmlinux = job.sibling(KERNEL, where / "vmlinux") if spec.vmlinux else None
+    with job.progress.step(f"writing kernel {chosen.version}"):
+        write_kernel(
+            job.rootfs,
+            chosen,
+            out,
+            initrd=initrd,
+            vmlinux=vmlinux,
+            workdir=job.workspace.subdir("kernel"),
+        )
+
+
+def kernel_name(base: str, options: ConvertOptions) -> str:
+    return "vmlinuz"  # initrd.img and vmlinux go beside it
+
+
+KERNEL = OutputFormat(
+    name="kernel",
+    summary="vmlinuz and initrd.img from the image's /boot (and vmlinux with --vmlinux)",
+    write=write,
+    output_name=kernel_name,
+)

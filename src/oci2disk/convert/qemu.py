@@ -1,61 +1,49 @@
 """qcow2, vmdk, vhdx, vpc (VHD) and vdi images, converted from the raw disk.
 
-Host tools: qemu-img (qemu-utils).
+Each is the raw disk (partition table and ext filesystem, see :mod:`.disk`) rewritten by
+``qemu-img convert``; qcow2 can compress its clusters (``--compression zlib|zstd``).
+
+Host tools: qemu-img (qemu-utils), and those of the raw disk.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from oci2disk import run
-from oci2disk.errors import ConvertError
-from oci2disk.recipe import Compression, Format
+from oci2disk.convert.disk import DISK_TOOLS, require_mke2fs
+from oci2disk.convert.plugin import OutputFormat, Tool, named
+from oci2disk.diskimage import qemuimg
 
-QEMU_FORMAT = {
-    Format.QCOW2: "qcow2",
-    Format.VMDK: "vmdk",
-    Format.VHDX: "vhdx",
-    Format.VPC: "vpc",
-    Format.VDI: "vdi",
-}
+if TYPE_CHECKING:
+    from oci2disk.convert.job import Job
+
+QEMU_IMG = Tool("qemu-img", "qemu-utils")
 
 
-def convert(raw: Path, fmt: Format, out: Path, compression: Compression = Compression.NONE) -> None:
-    argv = ["qemu-img", "convert", "-f", "raw", "-O", QEMU_FORMAT[fmt]]
-    if fmt is Format.QCOW2 and compression is not Compression.NONE:
-        argv += ["-c", "-o", f"compression_type={compression.value}"]
-    if fmt is Format.VPC:
-        # Without force_size qemu rounds the size to a CHS geometry, which changes it.
-        argv += ["-o", "force_size=on"]
-    argv += [str(raw), str(out)]
-    run.run(argv, what=f"qemu-img could not write the {fmt.value} image")
+def vm_format(name: str, summary: str, suffix: str, aliases: tuple[str, ...] = ()) -> OutputFormat:
+    """A format qemu-img writes from the raw disk."""
 
+    def write(job: Job, out: Path) -> None:
+        raw = job.raw_disk()
+        with job.progress.step(f"qemu-img convert to {name}"):
+            qemuimg.convert(raw, name, out, job.options.compression)
 
-def info(image: Path) -> dict[str, Any]:
-    proc = run.run(
-        ["qemu-img", "info", "--output=json", os.fspath(image)],
-        what=f"qemu-img cannot read {os.fspath(image)}",
+    return OutputFormat(
+        name=name,
+        summary=summary,
+        write=write,
+        output_name=named(suffix),
+        tools=(*DISK_TOOLS, QEMU_IMG),
+        aliases=aliases,
+        disk=True,
+        from_raw=True,
+        preflight=require_mke2fs,
     )
-    data = json.loads(proc.stdout)
-    if not isinstance(data, dict):
-        raise ConvertError(f"qemu-img info gave no description of {os.fspath(image)}")
-    return data
 
 
-def image_format(image: Path) -> str:
-    """The format qemu-img sees: "raw", "qcow2", "vmdk", "vpc" ..."""
-    return str(info(image)["format"])
-
-
-def virtual_size(image: Path) -> int:
-    return int(info(image)["virtual-size"])
-
-
-def convert_to_raw(image: Path, out: Path) -> None:
-    run.run(
-        ["qemu-img", "convert", "-O", "raw", os.fspath(image), os.fspath(out)],
-        what=f"qemu-img could not read {os.fspath(image)}",
-    )
+QCOW2 = vm_format("qcow2", "QEMU's copy-on-write image (--compression zlib|zstd)", "qcow2")
+VMDK = vm_format("vmdk", "VMware disk", "vmdk")
+VHDX = vm_format("vhdx", "Hyper-V disk", "vhdx")
+VPC = vm_format("vpc", "Virtual PC / Azure VHD (also called vhd)", "vhd", aliases=("vhd",))
+VDI = vm_format("vdi", "VirtualBox disk", "vdi")

@@ -1,10 +1,17 @@
-"""Resolve an image reference to an OCI image on disk, whatever its transport."""
+"""Resolve an image reference to an OCI image on disk, whatever its transport.
+
+One reader per transport, in :data:`READERS`.
+
+Host tools: those of the transport (skopeo, dockerd), see :mod:`.transports`.
+"""
 
 from __future__ import annotations
 
 import tarfile
 from pathlib import Path
+from typing import Protocol
 
+from oci2disk import engine
 from oci2disk.errors import ImageError
 from oci2disk.oci import transports
 from oci2disk.oci.layout import (
@@ -27,30 +34,51 @@ def open_image(ref: ImageRef, workdir: Path, platform: Platform | None = None) -
     return transports.check_platform(image, platform, str(ref))
 
 
-def _open(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
-    if ref.transport is Transport.OCI:
-        return open_layout(ref.path, ref.tag, platform)
-    if ref.transport is Transport.DOCKER_DAEMON:
-        from oci2disk.build import docker
+class Reader(Protocol):
+    """Reads one transport's images: ``ref`` as an OCI image, copied into ``workdir``
+    only when it is not an OCI layout already."""
 
-        name = f"{ref.name}:{ref.tag}" if ref.tag else ref.name
-        image = docker.save_to_layout(name, workdir / "image", tag=None)
-        return transports.check_platform(image, platform, str(ref))
-    if ref.transport is Transport.DOCKER:
-        return transports.from_registry(ref, workdir, platform)
-    if ref.transport is Transport.CONTAINERS_STORAGE:
-        return transports.from_containers_storage(ref, workdir, platform)
-    if ref.transport is Transport.ROOTFS:
-        return transports.from_rootfs(ref, workdir, platform)
+    def __call__(self, ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage: ...
+
+
+def _open(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
+    reader = READERS.get(ref.transport)
+    if reader is None:
+        raise ImageError(f"{ref}: transport {ref.transport.value}: is not readable here")
+    return reader(ref, workdir, platform)
+
+
+def from_layout(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
+    return open_layout(ref.path, ref.tag, platform)
+
+
+def from_engine(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
+    name = f"{ref.name}:{ref.tag}" if ref.tag else ref.name
+    return engine.save_to_layout(name, workdir / "image", tag=None)
+
+
+def from_docker_archive(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
     _require_file(ref)
-    if ref.transport is Transport.DOCKER_ARCHIVE:
-        with ref.path.open("rb") as stream:
-            return layout_from_docker_archive(stream, workdir / "image", tag=None)
-    if ref.transport is Transport.OCI_ARCHIVE:
-        dest = workdir / "image"
-        _extract_layout_archive(ref.path, dest)
-        return open_layout(dest, None, platform)
-    raise ImageError(f"{ref}: transport {ref.transport.value}: is not readable here")
+    with ref.path.open("rb") as stream:
+        return layout_from_docker_archive(stream, workdir / "image", tag=None)
+
+
+def from_oci_archive(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
+    _require_file(ref)
+    dest = workdir / "image"
+    _extract_layout_archive(ref.path, dest)
+    return open_layout(dest, None, platform)
+
+
+READERS: dict[Transport, Reader] = {
+    Transport.OCI: from_layout,
+    Transport.DOCKER_DAEMON: from_engine,
+    Transport.DOCKER: transports.from_registry,
+    Transport.CONTAINERS_STORAGE: transports.from_containers_storage,
+    Transport.ROOTFS: transports.from_rootfs,
+    Transport.DOCKER_ARCHIVE: from_docker_archive,
+    Transport.OCI_ARCHIVE: from_oci_archive,
+}
 
 
 def _require_file(ref: ImageRef) -> None:

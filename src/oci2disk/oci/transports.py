@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from oci2disk import run
+from oci2disk import engine, run
 from oci2disk.errors import CommandError, ImageError, Oci2DiskError, ToolMissingError
 from oci2disk.oci.layout import OciImage, Platform, layout_from_rootfs_tar, open_layout
 from oci2disk.refs import ImageRef, Transport, is_loopback_registry
@@ -111,9 +111,7 @@ def _registry_error(ref: ImageRef, exc: CommandError) -> Oci2DiskError:
 
 
 def _pull_with_engine(ref: ImageRef, dest: Path, platform: Platform | None) -> OciImage:
-    from oci2disk.build import docker
-
-    api = docker.client()
+    api = engine.client()
     name = ref.image_name
     log.info("docker pull %s (skopeo is not installed)", name)
     try:
@@ -124,7 +122,7 @@ def _pull_with_engine(ref: ImageRef, dest: Path, platform: Platform | None) -> O
             f"the Docker Engine could not pull {name}: {_last_line(exc)}",
             hint="install skopeo (Debian package skopeo), or check the registry",
         ) from None
-    return check_platform(docker.save_to_layout(name, dest), platform, str(ref))
+    return check_platform(engine.save_to_layout(name, dest), platform, str(ref))
 
 
 def from_containers_storage(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:

@@ -1,0 +1,179 @@
+"""The state the converters of one run share: the rootfs, the options, the one raw disk.
+
+Host tools: those of :mod:`oci2disk.convert.disk`, for the raw disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, cast
+
+from oci2disk.arch import Arch
+from oci2disk.convert import disk
+from oci2disk.convert.options import ConvertOptions, DiskSpec, Table
+from oci2disk.oci.layout import OciImage
+from oci2disk.progress import Progress
+from oci2disk.rootfs import ExtraFile
+from oci2disk.rootfs.flat import FlatRootfs
+from oci2disk.workspace import AtomicOutput, Workspace
+
+if TYPE_CHECKING:
+    from oci2disk.convert.plugin import OutputFormat
+
+log = logging.getLogger("oci2disk.convert")
+
+
+class Stopped(Exception):
+    """A converter stopped because another one failed (or the run was interrupted)."""
+
+
+class Job:
+    """State shared by the converters of one run: the rootfs and the one raw disk."""
+
+    def __init__(
+        self,
+        image: OciImage,
+        rootfs: FlatRootfs,
+        options: ConvertOptions,
+        workspace: Workspace,
+        progress: Progress,
+    ) -> None:
+        self.image = image
+        self.rootfs = rootfs
+        self.options = options
+        self.workspace = workspace
+        self.progress = progress
+        spec = options.disk
+        self.identity = disk.FsIdentity(
+            uuid=spec.uuid or disk.derive_uuid(image.digest, spec.fs.value, spec.label),
+            label=spec.label,
+            fs=spec.fs,
+        )
+        # The files oci2disk writes into disks (/etc/fstab), and into the other outputs
+        # only when asked (fstab_all_outputs): their fstab names a filesystem that a tar,
+        # cgz or directory does not have.
+        self.generated: list[ExtraFile] = disk.generated_files(rootfs, self.identity, spec.fstab)
+        self.layout: disk.DiskLayout | None = None
+        self._raw: Path | None = None
+        self._raw_lock = threading.Lock()
+        self._raw_failed = False
+        self.raw_target: Path | None = None  # where the raw disk goes when it is an output
+        self.targets: dict[OutputFormat, Path] = {}  # each output's final path
+        self.stop = threading.Event()  # set when a converter fails: the others give up
+        self._lock = threading.Lock()
+        self.siblings: dict[OutputFormat, list[AtomicOutput]] = {}  # more files of one output
+        self.added: list[str] = []  # paths a converter added to its output (cgz: init)
+        self.warnings: list[str] = []
+        self.digests: dict[Path, str] = {}  # sha256 of each temp output (a dir's: its tree)
+
+    def extra_for(self, disk_output: bool) -> list[ExtraFile]:
+        """The generated files an output carries: all of them in a disk, else when asked."""
+        if disk_output or self.options.disk.fstab_all_outputs:
+            return self.generated
+        return []
+
+    @property
+    def timestamp(self) -> int:
+        """Filesystem creation time: SOURCE_DATE_EPOCH, else when the image was created."""
+        if self.options.source_date_epoch is not None:
+            return max(self.options.source_date_epoch, 1)
+        return max(_epoch(self.image.config.created), 1)  # 0 means "now" to e2fsprogs
+
+    def build_fs(self, path: Path, spec: DiskSpec) -> disk.DiskLayout:
+        layout = disk.plan_layout(self.rootfs.stats, spec)
+        with path.open("r+b") as f:
+            f.truncate(layout.disk_bytes)
+        if layout.table is not Table.NONE:
+            arch = Arch.lookup(self.image.config.architecture)
+            disk.write_partition_table(path, layout, self.identity, arch)
+        label = f"mke2fs -d ({self.identity.fs.value}, {disk.human(layout.fs_bytes)})"
+        with self.progress.step(f"writing {label} into {path.name}"):
+            disk.write_filesystem(
+                self.rootfs,
+                path,
+                layout,
+                self.identity,
+                extra=self.generated,
+                timestamp=self.timestamp,
+                wrap=lambda sink: self.stream(sink, "rootfs stream"),
+            )
+            disk.apply_extra_xattrs(self.rootfs, path, layout, self.workspace.subdir("xattrs"))
+        return layout
+
+    def raw_disk(self) -> Path:
+        """The raw disk, built once; into its output file when raw is requested."""
+        with self._raw_lock:  # the first converter to ask builds it; the others wait
+            if self._raw_failed:
+                raise Stopped()
+            if self._raw is None:
+                path = self.raw_target or self.workspace.path / "disk.raw"
+                path.touch()
+                try:
+                    self.layout = self.build_fs(path, self.options.disk)
+                except BaseException:
+                    self._raw_failed = True
+                    raise
+                self._raw = path
+            return self._raw
+
+    def check(self) -> None:
+        """Raise if another converter failed, so that this one stops early."""
+        if self.stop.is_set():
+            raise Stopped()
+
+    def stream(self, sink: BinaryIO, label: str) -> BinaryIO:
+        """``sink`` reporting progress, and stopping when another converter failed."""
+        return self.progress.counting(cast(BinaryIO, _Guarded(sink, self)), label)
+
+    def sibling(self, fmt: OutputFormat, target: Path) -> Path:
+        """A further file of ``fmt``'s output (e.g. initrd.img beside vmlinuz); its temp path."""
+        output = AtomicOutput(target)
+        with self._lock:
+            self.siblings.setdefault(fmt, []).append(output)
+        return output.tmp
+
+    def note_added(self, paths: Iterable[str]) -> None:
+        """Paths a converter added to its output (listed in the manifest as generated)."""
+        with self._lock:
+            self.added += paths
+
+    def warn(self, text: str) -> None:
+        """Record what an output could not keep; the command line shows it once."""
+        log.debug("warning: %s", text)
+        with self._lock:
+            self.warnings.append(text)
+
+
+class _Guarded:
+    """A binary sink that raises once the job is told to stop."""
+
+    def __init__(self, sink: BinaryIO, job: Job) -> None:
+        self._sink = sink
+        self._job = job
+
+    def write(self, data: bytes) -> int:
+        self._job.check()
+        return self._sink.write(data)
+
+    def flush(self) -> None:
+        self._sink.flush()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sink, name)
+
+
+def _epoch(rfc3339: str) -> int:
+    if not rfc3339:
+        return 1
+    text = re.sub(r"(\.\d+)?(Z|[+-]\d\d:\d\d)?$", "", rfc3339)
+    offset = rfc3339[len(text) :].lstrip(".0123456789")
+    try:
+        moment = datetime.fromisoformat(text + (offset.replace("Z", "+00:00") or "+00:00"))
+    except ValueError:
+        return 1
+    return int(moment.timestamp())
