@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from layerkit import directory, file, make_image
+from oci2disk.compression import Compression
 from oci2disk.convert import REGISTRY, ConvertOptions, Format, default_outputs, preflight
-from oci2disk.convert.options import Compression, InitramfsSpec, TarSpec
+from oci2disk.convert.options import InitramfsSpec, TarSpec
 from oci2disk.errors import ToolMissingError, UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
