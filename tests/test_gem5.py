@@ -436,7 +436,8 @@ def test_gem5_layout_works_beyond_8_gib(
     run = convert_ref(f"docker-daemon:{IMAGE}", Format.RAW, out, ConvertOptions(disk=spec))
     assert out.stat().st_size == 10 * GiB
     assert out.stat().st_blocks * 512 < 2 * GiB
-    assert run.manifest["root_partition"] == 2
+    assert run.manifest.filesystem is not None
+    assert run.manifest.filesystem.root_partition == 2
     with extfs.open_filesystem(out, partition=2) as fs:
         assert fs.size > 9 * GiB
         assert fs.lookup("usr/local/sbin/gem5-init") is not None
