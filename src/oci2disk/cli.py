@@ -19,7 +19,7 @@ from oci2disk import __version__, build, manifest, settings
 from oci2disk.convert import ConvertOptions, Format
 from oci2disk.errors import Oci2DiskError, UsageError
 from oci2disk.progress import SILENT, Progress, stderr_progress
-from oci2disk.settings import Setting
+from oci2disk.settings import CliKind, Setting
 
 # The settings each command takes as flags (the rest of the table is recipe-only).
 BUILD_SETTINGS = ("outputs.formats", "build.platform", "build.args")
@@ -56,15 +56,15 @@ def add_setting(p: argparse.ArgumentParser | Any, key: str, *names: str, **extra
     setting = settings.BY_KEY[key]
     assert setting.flag is not None
     kwargs: dict[str, Any] = {"dest": _dest(setting), "default": None, "help": setting.help}
-    if setting.cli_kind == "bool":
+    if setting.cli_kind is CliKind.BOOL:
         kwargs["action"] = "store_true"
-    elif setting.cli_kind == "int":
+    elif setting.cli_kind is CliKind.INT:
         kwargs["type"] = int
-    elif setting.cli_kind == "map":
+    elif setting.cli_kind is CliKind.MAP:
         kwargs["action"] = "append"
     if setting.choices:
         kwargs["choices"] = setting.choices
-    elif setting.cli_kind != "bool":
+    elif setting.cli_kind is not CliKind.BOOL:
         kwargs["metavar"] = setting.metavar or setting.name.upper()
     kwargs.update(extra)
     p.add_argument(*names, setting.flag, **kwargs)
@@ -72,9 +72,9 @@ def add_setting(p: argparse.ArgumentParser | Any, key: str, *names: str, **extra
 
 def _toml_shaped(setting: Setting[Any], raw: Any) -> Any:
     """A flag's value as recipe.toml would hold it, for the setting's own parser."""
-    if setting.cli_kind == "list" and isinstance(raw, str):
+    if setting.cli_kind is CliKind.LIST and isinstance(raw, str):
         return [part for part in raw.split(",") if part]
-    if setting.cli_kind == "map":
+    if setting.cli_kind is CliKind.MAP:
         pairs: dict[str, str] = {}
         for item in raw:
             key, sep, value = item.partition("=")
@@ -82,7 +82,7 @@ def _toml_shaped(setting: Setting[Any], raw: Any) -> Any:
                 raise UsageError(f"{setting.flag} {item!r}: expected KEY=VALUE")
             pairs[key] = value
         return pairs
-    if setting.cli_kind == "bool":
+    if setting.cli_kind is CliKind.BOOL:
         return bool(raw) or None  # store_true: only a given flag counts as given
     return raw
 

@@ -44,6 +44,16 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 NETWORKS = ("host", "default", "none")
 
 
+class CliKind(enum.Enum):
+    """How a flag's text becomes the value recipe.toml would hold."""
+
+    TEXT = "text"  # --label root
+    INT = "int"  # --level 9
+    BOOL = "bool"  # --vmlinux (given: true)
+    LIST = "list"  # --format raw,qcow2
+    MAP = "map"  # --build-arg K=V, repeated
+
+
 class Invalid(Exception):
     """A value a setting refuses; ``expected`` says what it takes."""
 
@@ -63,7 +73,7 @@ class Setting(Generic[T]):
     help: str
     metavar: str | None = None
     choices: tuple[str, ...] = ()  # the values a flag takes, when it is a choice
-    cli_kind: str = "text"  # how the flag's text becomes a TOML value: text|int|bool|list|map
+    cli_kind: CliKind = CliKind.TEXT
 
     @property
     def section(self) -> str:
@@ -264,7 +274,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
         {},
         "a build argument (repeatable)",
         metavar="K=V",
-        cli_kind="map",
+        cli_kind=CliKind.MAP,
     ),
     Setting(
         "disk.size",
@@ -299,7 +309,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
         partition_number,
         None,
         "the root filesystem's partition number (default: 1)",
-        cli_kind="int",
+        cli_kind=CliKind.INT,
     ),
     Setting(
         "outputs.formats",
@@ -308,7 +318,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
         (Format.RAW,),
         "outputs, e.g. raw,qcow2 (" + ", ".join(f.label for f in Format) + ")",
         metavar="FORMAT[,FORMAT...]",
-        cli_kind="list",
+        cli_kind=CliKind.LIST,
     ),
     Setting("outputs.name", None, file_name, "disk", "base name of the output files"),
     Setting(
@@ -340,7 +350,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
         level,
         None,
         "compression level of the cgz or tar output",
-        cli_kind="int",
+        cli_kind=CliKind.INT,
     ),
     Setting(
         "tar.compression",
@@ -364,7 +374,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
         boolean,
         False,
         "kernel: also write an ELF vmlinux",
-        cli_kind="bool",
+        cli_kind=CliKind.BOOL,
     ),
 )
 

@@ -33,6 +33,9 @@ from oci2disk.errors import ConvertError
 from oci2disk.rootfs import Entry, Kind, Tree, follow
 from oci2disk.rootfs.model import NS
 
+if TYPE_CHECKING:
+    from oci2disk.convert.job import Job
+
 log = logging.getLogger("oci2disk.cpio")
 
 NEWC = b"070701"
@@ -43,9 +46,6 @@ FIELD_MAX = 0xFFFFFFFF
 CONSOLE = (5, 1)
 # Where an image's init usually is; offered in the error when /init is missing.
 INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd", "/bin/sh")
-
-if TYPE_CHECKING:
-    from oci2disk.convert.job import Job
 
 
 @dataclass(frozen=True)

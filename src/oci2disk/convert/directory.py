@@ -33,14 +33,14 @@ from oci2disk.convert.plugin import OutputFormat, named
 from oci2disk.errors import ConvertError
 from oci2disk.rootfs import Entry, Kind, Tree
 
+if TYPE_CHECKING:
+    from oci2disk.convert.job import Job
+
 log = logging.getLogger("oci2disk.directory")
 
 SHOWN = 10  # paths named per kind of loss in the summary
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-if TYPE_CHECKING:
-    from oci2disk.convert.job import Job
 
 
 @dataclass

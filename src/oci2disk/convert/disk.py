@@ -33,6 +33,9 @@ from oci2disk.errors import CommandError, ConvertError, ToolMissingError
 from oci2disk.rootfs import Entry, ExtraFile, Kind, RootfsStats, Tree
 from oci2disk.rootfs.flat import FlatRootfs
 
+if TYPE_CHECKING:
+    from oci2disk.convert.job import Job
+
 log = logging.getLogger("oci2disk.disk")
 
 MiB = 1 << 20
@@ -52,9 +55,6 @@ COMPAT_FEATURES = "^orphan_file,^metadata_csum_seed"
 # Only this xattr survives mke2fs's tarball reader (see module docstring).
 MKE2FS_KEPT_XATTRS = frozenset({"security.capability"})
 UUID_NAMESPACE = uuidlib.UUID("6f1c1d8e-58a4-4d0e-9a4f-0c12d0a5e7b1")
-
-if TYPE_CHECKING:
-    from oci2disk.convert.job import Job
 
 
 @dataclass(frozen=True)
