@@ -79,6 +79,7 @@ def _image_id(name: str, env: Mapping[str, str]) -> str | None:
         ["buildah", "inspect", "--type", "image", "--format", "{{.FromImageID}}", name],
         env=env,
         check=False,
+        parsed=True,
     )
     text = proc.stdout.decode().strip() if proc.returncode == 0 else ""
     return text.removeprefix("sha256:") or None

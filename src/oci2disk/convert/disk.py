@@ -198,7 +198,7 @@ def generated_files(root: Tree, identity: FsIdentity, mode: FstabMode) -> list[E
 
 @cache
 def mke2fs_version() -> tuple[int, int, int]:
-    proc = run.run(["mke2fs", "-V"], check=False)
+    proc = run.run(["mke2fs", "-V"], check=False, parsed=True)
     text = (proc.stderr + proc.stdout).decode(errors="replace")
     match = re.search(r"mke2fs (\d+)\.(\d+)(?:\.(\d+))?", text)
     if not match:
@@ -371,7 +371,9 @@ def apply_extra_xattrs(root: Tree, path: Path, layout: DiskLayout, workdir: Path
     script.write_text("\n".join(commands) + "\n", errors="surrogateescape")
     device = f"{path}?offset={layout.fs_offset}" if layout.fs_offset else str(path)
     proc = run.run(
-        ["debugfs", "-w", "-f", str(script), device], what="setting xattrs with debugfs failed"
+        ["debugfs", "-w", "-f", str(script), device],
+        parsed=True,
+        what="setting xattrs with debugfs failed",
     )
     # debugfs reports command errors on stderr but still exits 0.
     errors = [

@@ -85,7 +85,7 @@ def from_registry(ref: ImageRef, workdir: Path, platform: Platform | None) -> Oc
     ]  # fmt: skip
     log.info("skopeo copy %s", ref)
     try:
-        run.run(argv, what=f"could not copy {ref} from its registry")
+        run.run(argv, parsed=True, what=f"could not copy {ref} from its registry")
     except CommandError as exc:
         raise _registry_error(ref, exc) from None
     return check_platform(open_layout(dest, None), platform, str(ref))
@@ -139,7 +139,12 @@ def from_containers_storage(ref: ImageRef, workdir: Path, platform: Platform | N
     for name in names:
         argv = ["skopeo", "copy", "--quiet", f"containers-storage:{name}", f"oci:{os.fspath(dest)}"]
         try:
-            run.run(argv, env=storage_env(), what=f"could not copy {ref} out of containers-storage")
+            run.run(
+                argv,
+                env=storage_env(),
+                parsed=True,
+                what=f"could not copy {ref} out of containers-storage",
+            )
         except CommandError as exc:
             if "does not resolve to an image ID" not in exc.stderr_tail:
                 raise ImageError(exc.message, hint=STORAGE_HINT) from None
