@@ -11,8 +11,8 @@ import pytest
 from clikit import oci2disk
 from layerkit import directory, file, make_image, symlink
 from oci2disk.convert import ConvertOptions, convert, default_outputs
-from oci2disk.rootfs.flatten import flatten
 from oci2disk.recipe import DiskSpec, Format
+from oci2disk.rootfs.flatten import flatten
 from oci2disk.workspace import Workspace
 
 SAMPLE = [
