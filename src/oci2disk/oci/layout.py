@@ -6,11 +6,13 @@ from a single flat rootfs tarball (``oci2disk bootstrap``).
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 import tempfile
 from collections.abc import Mapping
@@ -83,13 +85,15 @@ class Descriptor:
     platform: Platform | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], where: str) -> Descriptor:
-        try:
-            media_type = str(data.get("mediaType", ""))
-            digest = str(data["digest"])
-            size = int(data["size"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ImageError(f"{where}: malformed descriptor ({exc})") from None
+    def from_json(cls, data: object, where: str) -> Descriptor:
+        data = _expect_mapping(data, where)
+        media_type = data.get("mediaType", "")
+        digest = data.get("digest")
+        size = data.get("size")
+        if not isinstance(media_type, str) or not isinstance(digest, str):
+            raise ImageError(f"{where}: malformed descriptor (mediaType and digest are strings)")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ImageError(f"{where}: malformed descriptor (size {size!r} is not a byte count)")
         check_digest_syntax(digest, where)
         plat = data.get("platform")
         platform = None
@@ -99,7 +103,9 @@ class Descriptor:
                 str(plat.get("architecture", "")),
                 str(plat.get("variant", "")),
             )
-        annotations = data.get("annotations") or {}
+        annotations = _expect_mapping(data.get("annotations") or {}, f"{where} annotations")
+        if not all(isinstance(v, str) for v in annotations.values()):
+            raise ImageError(f"{where}: annotations must map strings to strings")
         return cls(media_type, digest, size, dict(annotations), platform)
 
     def to_json(self) -> dict[str, Any]:
@@ -138,19 +144,23 @@ class ImageConfig:
         return Platform(self.os, self.architecture, self.variant)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], where: str) -> ImageConfig:
+    def from_json(cls, data: object, where: str) -> ImageConfig:
+        data = _expect_mapping(data, where)
         rootfs = data.get("rootfs")
         if not isinstance(rootfs, Mapping) or not isinstance(rootfs.get("diff_ids"), list):
             raise ImageError(f"{where}: image config has no rootfs.diff_ids")
-        cfg = data.get("config") or {}
+        diff_ids = _expect_strings(rootfs["diff_ids"], f"{where} rootfs.diff_ids")
+        for diff_id in diff_ids:
+            check_digest_syntax(diff_id, f"{where} rootfs.diff_ids")
+        cfg = _expect_mapping(data.get("config") or {}, f"{where} config")
         return cls(
             os=str(data.get("os", "")),
             architecture=str(data.get("architecture", "")),
             variant=str(data.get("variant", "")),
-            diff_ids=tuple(str(d) for d in rootfs["diff_ids"]),
-            env=tuple(cfg.get("Env") or ()),
-            entrypoint=tuple(cfg.get("Entrypoint") or ()),
-            cmd=tuple(cfg.get("Cmd") or ()),
+            diff_ids=diff_ids,
+            env=_expect_strings(cfg.get("Env"), f"{where} config.Env"),
+            entrypoint=_expect_strings(cfg.get("Entrypoint"), f"{where} config.Entrypoint"),
+            cmd=_expect_strings(cfg.get("Cmd"), f"{where} config.Cmd"),
             working_dir=str(cfg.get("WorkingDir") or ""),
             user=str(cfg.get("User") or ""),
             created=str(data.get("created") or ""),
@@ -199,32 +209,64 @@ def _identity(path: Path) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _expect_mapping(value: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ImageError(
+            f"{where}: expected a JSON object, found {type(value).__name__}",
+            hint="the layout is corrupt or was not written by an OCI tool",
+        )
+    return value
+
+
+def _expect_list(value: object, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ImageError(
+            f"{where}: expected a JSON array, found {type(value).__name__}",
+            hint="the layout is corrupt or was not written by an OCI tool",
+        )
+    return value
+
+
+def _expect_strings(value: object, where: str) -> tuple[str, ...]:
+    items = _expect_list(value, where)
+    if not all(isinstance(item, str) for item in items):
+        raise ImageError(f"{where}: expected a list of strings")
+    return tuple(items)
+
+
 def remember_verified(path: Path, digest: str) -> None:
     _VERIFIED[_identity(path)] = digest
 
 
 def verify_blob(layout: Path, desc: Descriptor) -> Path:
     """Check a blob's size and sha256 against its descriptor; return its path."""
-    path = blob_path(layout, desc.digest)
+    with open_verified_blob(layout, desc):
+        return blob_path(layout, desc.digest)
+
+
+def _open_blob(layout: Path, digest: str) -> io.BufferedReader:
+    """Open a blob that must be a regular file; a FIFO, device or directory is refused
+    before anything reads it (a FIFO would block the open, and its reads, forever)."""
+    path = blob_path(layout, digest)
     try:
-        size = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ImageError(f"{layout}: blob {desc.digest} is missing") from None
-    if _VERIFIED.get(_identity(path)) == desc.digest and size == desc.size:
-        return path
-    if size != desc.size:
+        raise ImageError(f"{layout}: blob {digest} is missing") from None
+    except OSError as exc:
+        raise ImageError(f"{layout}: cannot open blob {digest} ({exc.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise ImageError(
-            f"{layout}: blob {desc.digest} is {size} bytes, its descriptor says {desc.size}",
-            hint="the layout is truncated or corrupt; export the image again",
+            f"{layout}: blob {digest} is {what}",
+            hint="a layout's blobs are plain files; export the image again",
         )
-    actual = sha256_file(path)
-    remember_verified(path, actual)
-    if actual != desc.digest:
-        raise ImageError(
-            f"{layout}: blob {desc.digest} has digest {actual}",
-            hint="the layout is corrupt; export the image again",
-        )
-    return path
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    return io.open(fd, "rb", closefd=True)  # noqa: UP020  # typed as BufferedReader
 
 
 def open_verified_blob(layout: Path, desc: Descriptor) -> IO[bytes]:
@@ -233,11 +275,7 @@ def open_verified_blob(layout: Path, desc: Descriptor) -> IO[bytes]:
     The caller goes on reading the very file that was checked, even if the blob's name
     is replaced meanwhile. The file is positioned at its start.
     """
-    path = blob_path(layout, desc.digest)
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        raise ImageError(f"{layout}: blob {desc.digest} is missing") from None
+    f = _open_blob(layout, desc.digest)
     try:
         size = os.fstat(f.fileno()).st_size
         if size != desc.size:
@@ -274,14 +312,6 @@ def read_json_blob(layout: Path, desc: Descriptor) -> dict[str, Any]:
     return data
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 def open_layout(layout: Path, tag: str | None = None, platform: Platform | None = None) -> OciImage:
     """Resolve ``tag`` (or the only manifest) in an OCI layout to an image."""
     layout = Path(layout)
@@ -295,9 +325,10 @@ def open_layout(layout: Path, tag: str | None = None, platform: Platform | None 
         index = json.loads(index_file.read_bytes())
     except ValueError as exc:
         raise ImageError(f"{index_file}: not valid JSON ({exc})") from None
+    index = _expect_mapping(index, os.fspath(index_file))
     entries = [
         Descriptor.from_json(m, f"{index_file} manifests[{i}]")
-        for i, m in enumerate(index.get("manifests") or [])
+        for i, m in enumerate(_expect_list(index.get("manifests"), f"{index_file} manifests"))
     ]
     if tag is not None:
         chosen = [d for d in entries if d.annotations.get(REF_NAME) == tag]
@@ -339,7 +370,7 @@ def _resolve(
         nested = read_json_blob(layout, desc)
         children = [
             Descriptor.from_json(m, f"{desc.digest} manifests[{i}]")
-            for i, m in enumerate(nested.get("manifests") or [])
+            for i, m in enumerate(_expect_list(nested.get("manifests"), f"{desc.digest} manifests"))
         ]
         children = [c for c in children if c.media_type in MANIFEST_TYPES or not c.media_type]
         want = platform or host_platform()
@@ -366,7 +397,7 @@ def load_manifest(layout: Path, desc: Descriptor) -> OciImage:
     config_desc = Descriptor.from_json(manifest["config"], f"{where} config")
     layers = tuple(
         Descriptor.from_json(layer, f"{where} layers[{i}]")
-        for i, layer in enumerate(manifest.get("layers") or [])
+        for i, layer in enumerate(_expect_list(manifest.get("layers"), f"{where} layers"))
     )
     for layer in layers:
         if layer.media_type not in LAYER_COMPRESSION:
