@@ -64,6 +64,6 @@ def test_index_json_of_the_wrong_shape_is_a_clear_error(
 ) -> None:
     make_image(tmp_path / "oci", [[file("a", b"")]])
     (tmp_path / "oci" / "index.json").write_text(json.dumps(index))
-    with pytest.raises(ImageError, match="index.json") as caught:
+    with pytest.raises(ImageError, match=r"index\.json") as caught:
         open_layout(tmp_path / "oci")
     assert problem in str(caught.value)
