@@ -23,7 +23,7 @@ from oci2disk.bytestreams import CHUNK
 from oci2disk.compression import DECOMPRESS_ERRORS, Compression
 from oci2disk.convert.options import ConvertOptions
 from oci2disk.convert.plugin import OutputFormat
-from oci2disk.errors import ConvertError
+from oci2disk.errors import ConvertError, ImageError
 from oci2disk.rootfs import Entry, Tree
 from oci2disk.rootfs import kernels as kernel_finder
 from oci2disk.rootfs.kernels import KernelFiles
@@ -155,7 +155,10 @@ def _unlz4(data: bytes, workdir: Path) -> bytes | None:
 
 def write(job: Job, out: Path) -> None:
     spec = job.options.kernel
-    chosen = kernel_finder.choose(job.rootfs, spec.version)
+    try:
+        chosen = kernel_finder.choose(job.rootfs, spec.version)
+    except ImageError as exc:  # the image lacks what this output is made of
+        raise ConvertError(exc.message, hint=exc.hint) from None
     where = job.targets[KERNEL].parent
     initrd = job.sibling(KERNEL, where / "initrd.img") if chosen.initrd else None
     if chosen.initrd is None:
