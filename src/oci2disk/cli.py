@@ -270,7 +270,7 @@ def convert_options(args: argparse.Namespace) -> tuple[Format, ConvertOptions]:
         key = LEVEL_OF.get(fmt)
         if key is None:
             raise UsageError("--level applies to the cgz and tar formats only")
-        values[key] = settings.level(args.initramfs__level)
+        values[key] = settings.whole_number(args.initramfs__level)
     try:
         options = ConvertOptions(
             settings.disk_spec(values),

@@ -97,10 +97,6 @@ def text(value: Any) -> str:
     return value
 
 
-def optional_text(value: Any) -> str | None:
-    return text(value)
-
-
 def whole_number(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise Invalid("a whole number")
@@ -123,13 +119,15 @@ def choice(kind: type[E]) -> Callable[[Any], E]:
     return parse
 
 
-def compression_of(allowed: tuple[Compression, ...], names: Mapping[Compression, str]) -> Any:
+def compression_of(names: Mapping[Compression, str]) -> Callable[[Any], Compression]:
+    """A parser of the compressions named ``names`` (in the order messages list them)."""
+
     def parse(value: Any) -> Compression:
-        wanted = text(value).strip().lower() if isinstance(value, str) else None
-        for c in allowed:
-            if wanted == names.get(c, c.label):
-                return c
-        raise Invalid("one of " + " | ".join(repr(names.get(c, c.label)) for c in allowed))
+        wanted = value.strip().lower() if isinstance(value, str) else None
+        for compression, name in names.items():
+            if wanted == name:
+                return compression
+        raise Invalid("one of " + " | ".join(repr(name) for name in names.values()))
 
     return parse
 
@@ -174,10 +172,6 @@ def uuid(value: Any) -> str | None:
     if not UUID_RE.match(result):
         raise Invalid("a UUID like 0b5c3f0e-7c1d-4b5e-9a6f-2d8e4f1a3b7c")
     return result
-
-
-def partition_number(value: Any) -> int | None:
-    return whole_number(value)
 
 
 def formats(value: Any) -> tuple[Format, ...]:
@@ -239,10 +233,6 @@ def kernel_version(value: Any) -> str | None:
     return result
 
 
-def level(value: Any) -> int | None:
-    return whole_number(value)
-
-
 # ------------------------------------------------------------------ the table
 
 _ARCHIVE = {c: c.label for c in ARCHIVE_COMPRESSIONS}
@@ -254,10 +244,10 @@ def _names(kind: type[enum.Enum]) -> tuple[str, ...]:
 
 
 SETTINGS: tuple[Setting[Any], ...] = (
-    Setting("build.image", None, optional_text, None, "build nothing: convert this image"),
-    Setting("build.dockerfile", None, optional_text, None, "the Dockerfile (default: Dockerfile)"),
-    Setting("build.context", None, optional_text, None, "the build context (default: .)"),
-    Setting("build.target", None, optional_text, None, "the Dockerfile stage to build"),
+    Setting("build.image", None, text, None, "build nothing: convert this image"),
+    Setting("build.dockerfile", None, text, None, "the Dockerfile (default: Dockerfile)"),
+    Setting("build.context", None, text, None, "the build context (default: .)"),
+    Setting("build.target", None, text, None, "the Dockerfile stage to build"),
     Setting(
         "build.platform",
         "--platform",
@@ -306,7 +296,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting(
         "disk.root_partition",
         "--root-partition",
-        partition_number,
+        whole_number,
         None,
         "the root filesystem's partition number (default: 1)",
         cli_kind=CliKind.INT,
@@ -324,7 +314,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting(
         "outputs.compression",
         "--compression",
-        compression_of(QCOW2_COMPRESSIONS, _QCOW2),
+        compression_of(_QCOW2),
         Compression.NONE,
         "qcow2 compression",
         choices=tuple(_QCOW2.values()),
@@ -339,7 +329,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting(
         "initramfs.compression",
         "--cpio-compression",
-        compression_of(ARCHIVE_COMPRESSIONS, _ARCHIVE),
+        compression_of(_ARCHIVE),
         Compression.GZIP,
         "cgz compression",
         choices=tuple(_ARCHIVE.values()),
@@ -347,7 +337,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting(
         "initramfs.level",
         "--level",
-        level,
+        whole_number,
         None,
         "compression level of the cgz or tar output",
         cli_kind=CliKind.INT,
@@ -355,12 +345,12 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting(
         "tar.compression",
         "--tar-compression",
-        compression_of(ARCHIVE_COMPRESSIONS, _ARCHIVE),
+        compression_of(_ARCHIVE),
         Compression.NONE,
         "tar compression",
         choices=tuple(_ARCHIVE.values()),
     ),
-    Setting("tar.level", "--level", level, None, "compression level of the tar output"),
+    Setting("tar.level", "--level", whole_number, None, "compression level of the tar output"),
     Setting(
         "kernel.version",
         "--kernel-version",
