@@ -11,6 +11,7 @@ Host tools: none.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tarfile
@@ -21,7 +22,7 @@ from typing import IO, BinaryIO
 from oci2disk.bytestreams import CHUNK, ZEROS, BatchingWriter, RunReader
 from oci2disk.errors import ImageError
 from oci2disk.rootfs.model import ENCODING, ERRORS, NS, Entry, ExtraFile, Kind, RootfsStats
-from oci2disk.rootfs.tree import Dir, Node, by_name, components, extents, show
+from oci2disk.rootfs.tree import Dir, Meta, Node, by_name, components, extents, show
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
@@ -35,8 +36,25 @@ _KIND_TYPES = {
 }
 
 
+Overlay = dict[bytes, dict[bytes, "Node | None"]]  # parent path -> name -> node (None: removed)
+
+
+class Inline(Node):
+    """A regular file whose content oci2disk supplies (an fstab, an emptied machine-id)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, meta: Meta, mtime: int, data: bytes) -> None:
+        super().__init__(meta, mtime, len(data), 0)
+        self.data = data
+
+
 class FlatRootfs:
-    """The flattened rootfs of an image; owns the open layer files until closed."""
+    """The flattened rootfs of an image; owns the open layer files until closed.
+
+    :meth:`edited` gives a view with files added, replaced or removed (the base tree is
+    never changed); views share the base's layer files and are closed with it.
+    """
 
     def __init__(
         self,
@@ -49,6 +67,8 @@ class FlatRootfs:
         self._layers = layers  # per layer index; a blob listed twice is one file object
         self._sde_ns = None if source_date_epoch is None else source_date_epoch * NS
         self._closed = False
+        self._owner = True
+        self._overlay: Overlay = {}
         self._leaders: dict[Node, bytes] = {}
         self.stats = self._finalize(linked)
 
@@ -56,9 +76,34 @@ class FlatRootfs:
 
     def entries(self) -> Iterator[Entry]:
         """Every path in canonical order: by path components, "." first."""
-        for path, node in self._walk({}):
-            assert isinstance(node, Node)
+        for path, node in self._walk(self._overlay):
             yield self._entry(path, node)
+
+    def edited(
+        self,
+        *,
+        files: Sequence[ExtraFile] = (),
+        dirs: Sequence[str] = (),
+        remove: Sequence[str] = (),
+    ) -> FlatRootfs:
+        """A view of this rootfs with ``dirs`` made (root, 0755, where missing), ``files``
+        added or replaced, and ``remove`` (with everything below) gone."""
+        view = copy.copy(self)
+        view._owner = False
+        view._overlay = {k: dict(v) for k, v in self._overlay.items()}
+        for text in dirs:
+            parts = self._extra_parts(text, view)
+            if view._find(parts) is None:
+                node = Dir(Meta(Kind.DIR, 0o755, 0, 0), self._sde_ns or 0, 0)
+                view._overlay.setdefault(b"/".join(parts[:-1]) or b".", {})[parts[-1]] = node
+        for text in remove:
+            gone = components(text)
+            if not gone or view._find(gone) is None:
+                raise ImageError(f"cannot remove {text!r}: it is not in the image")
+            view._overlay.setdefault(b"/".join(gone[:-1]) or b".", {})[gone[-1]] = None
+        view._overlay = view._plan_extras(files)
+        view._leaders = view._link_leaders()
+        return view
 
     def lookup(self, path: str) -> Entry | None:
         parts = components(path)
@@ -74,6 +119,8 @@ class FlatRootfs:
         node = self._find(parts) if parts is not None else None
         if node is None or node.meta.kind is not Kind.FILE:
             raise ImageError(f"{path!r} is not a regular file in the image")
+        if isinstance(node, Inline):
+            return io.BytesIO(node.data)
         fd = os.dup(self._layers[node.layer].fileno())
         return io.BufferedReader(
             RunReader(fd, list(extents(node)), close_fd=True), buffer_size=CHUNK
@@ -82,17 +129,10 @@ class FlatRootfs:
     def write_tar(self, out: BinaryIO, *, extra: Sequence[ExtraFile] = ()) -> None:
         """Write the canonical PAX tar stream, with ``extra`` files added or replacing."""
         self._check_open()
-        extras = self._plan_extras(extra)
+        overlay = self._plan_extras(extra)
         sink = _Sink(out)
         leaders: dict[Node, bytes] = {}
-        for path, item in self._walk(extras):
-            if isinstance(item, ExtraFile):
-                info = self._tarinfo_extra(path, item)
-                sink.write(info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS))
-                sink.write(item.data)
-                sink.pad(len(item.data))
-                continue
-            node = item
+        for path, node in self._walk(overlay):
             link = b""
             if node in self._leaders:
                 # Leaders are recomputed here: an extra file may have replaced one.
@@ -106,7 +146,7 @@ class FlatRootfs:
         sink.finish()
 
     def close(self) -> None:
-        if self._closed:
+        if self._closed or not self._owner:
             return
         self._closed = True
         for f in {id(f): f for f in self._layers}.values():
@@ -134,14 +174,27 @@ class FlatRootfs:
 
     def _find(self, parts: list[bytes]) -> Node | None:
         node: Node = self._root
+        path = b"."
         for part in parts:
             if not isinstance(node, Dir):
                 return None  # a symlink or file: never followed
-            child = node.children.get(part)
+            over = self._overlay.get(path)
+            child = over[part] if over is not None and part in over else node.children.get(part)
             if child is None:
                 return None
             node = child
+            path = part if path == b"." else path + b"/" + part
         return node
+
+    def _link_leaders(self) -> dict[Node, bytes]:
+        """The first name in canonical order of each link set that still has two names."""
+        first: dict[Node, bytes] = {}
+        count: dict[Node, int] = {}
+        for path, node in self._walk(self._overlay):
+            if node in self._leaders:
+                first.setdefault(node, path)
+                count[node] = count.get(node, 0) + 1
+        return {node: path for node, path in first.items() if count[node] > 1}
 
     def _finalize(self, linked: set[Node]) -> RootfsStats:
         # Pass 1: sort every directory once (dicts keep insertion order).
@@ -157,7 +210,6 @@ class FlatRootfs:
         data_bytes = 0
         used: set[int] = set()
         for path, item in self._walk({}):
-            assert isinstance(item, Node)
             kind = item.meta.kind
             if item in linked:
                 names[item] = names.get(item, 0) + 1
@@ -187,12 +239,10 @@ class FlatRootfs:
             data_bytes=data_bytes,
         )
 
-    def _walk(
-        self, extras: dict[bytes, dict[bytes, ExtraFile]]
-    ) -> Iterator[tuple[bytes, Node | ExtraFile]]:
+    def _walk(self, overlay: Overlay) -> Iterator[tuple[bytes, Node]]:
         """Depth first, children in byte order of their names: the canonical order."""
         yield b".", self._root
-        stack = [(b"", self._children(self._root, b".", extras))]
+        stack = [(b"", self._children(self._root, b".", overlay))]
         while stack:
             prefix, items = stack[-1]
             item = next(items, None)
@@ -203,17 +253,15 @@ class FlatRootfs:
             path = prefix + name
             yield path, node
             if isinstance(node, Dir):
-                stack.append((path + b"/", self._children(node, path, extras)))
+                stack.append((path + b"/", self._children(node, path, overlay)))
 
     @staticmethod
-    def _children(
-        node: Dir, path: bytes, extras: dict[bytes, dict[bytes, ExtraFile]]
-    ) -> Iterator[tuple[bytes, Node | ExtraFile]]:
-        added = extras.get(path)
-        if not added:
+    def _children(node: Dir, path: bytes, overlay: Overlay) -> Iterator[tuple[bytes, Node]]:
+        changed = overlay.get(path)
+        if not changed:
             return iter(node.children.items())
-        merged: dict[bytes, Node | ExtraFile] = {**node.children, **added}
-        return iter(sorted(merged.items(), key=by_name))
+        merged = {**node.children, **changed}
+        return iter(sorted(((k, v) for k, v in merged.items() if v is not None), key=by_name))
 
     def _entry(self, path: bytes, node: Node) -> Entry:
         meta = node.meta
@@ -257,40 +305,41 @@ class FlatRootfs:
         info.pax_headers = pax
         return info
 
-    def _tarinfo_extra(self, path: bytes, item: ExtraFile) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(path.decode(ENCODING, ERRORS))
-        info.type = tarfile.REGTYPE
-        info.mode = item.mode & 0o7777
-        info.uid = item.uid
-        info.gid = item.gid
-        info.uname = info.gname = ""
-        info.size = len(item.data)
-        info.mtime = 0 if self._sde_ns is None else self._sde_ns // NS
-        return info
+    def _extra_parts(self, text: str, view: FlatRootfs) -> list[bytes]:
+        parts = components(text)
+        if not parts:
+            raise ImageError(f"extra path {text!r} is not a path inside the image")
+        if not isinstance(view._find(parts[:-1]), Dir):
+            raise ImageError(
+                f"cannot add {text!r}: {show(parts[:-1])!r} is not a directory in the image",
+                hint="add the directory to the image (e.g. RUN mkdir -p in the Dockerfile)",
+            )
+        return parts
 
-    def _plan_extras(self, extra: Sequence[ExtraFile]) -> dict[bytes, dict[bytes, ExtraFile]]:
-        plan: dict[bytes, dict[bytes, ExtraFile]] = {}
+    def _plan_extras(self, extra: Sequence[ExtraFile]) -> Overlay:
+        """This view's overlay with ``extra`` files added or replacing."""
+        if not extra:
+            return self._overlay
+        plan = {k: dict(v) for k, v in self._overlay.items()}
+        given: set[bytes] = set()
         for item in extra:
-            parts = components(item.path)
-            if not parts:
-                raise ImageError(f"extra file {item.path!r} is not a path inside the image")
-            parent_path = b"/".join(parts[:-1]) or b"."
-            parent = self._find(parts[:-1])
-            if not isinstance(parent, Dir):
-                raise ImageError(
-                    f"cannot add {item.path!r}: {show(parts[:-1])!r} is not a directory "
-                    "in the image",
-                    hint="add the directory to the image (e.g. RUN mkdir -p in the Dockerfile)",
-                )
-            if isinstance(parent.children.get(parts[-1]), Dir):
+            parts = self._extra_parts(item.path, self)
+            if isinstance(self._find(parts), Dir):
                 raise ImageError(f"cannot add {item.path!r}: the image has a directory there")
-            siblings = plan.setdefault(parent_path, {})
-            if parts[-1] in siblings:
+            key = b"/".join(parts)
+            if key in given:
                 raise ImageError(f"extra file {item.path!r} is given twice")
-            siblings[parts[-1]] = item
+            given.add(key)
+            meta = Meta(Kind.FILE, item.mode & 0o7777, item.uid, item.gid)
+            node = Inline(meta, self._sde_ns or 0, item.data)
+            plan.setdefault(b"/".join(parts[:-1]) or b".", {})[parts[-1]] = node
         return plan
 
     def _copy(self, sink: _Sink, path: bytes, node: Node) -> None:
+        if isinstance(node, Inline):
+            sink.write(node.data)
+            sink.pad(node.size)
+            return
         fd = self._layers[node.layer].fileno()
         for length, offset in extents(node):
             if offset is None:
