@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from layerkit import TAG, Member, directory, file, hardlink, make_image, symlink
 from oci2disk import run
+from oci2disk.convert import ConvertOptions, Format, convert
 from oci2disk.diskimage.extfs import ExtFs, open_filesystem
 from oci2disk.errors import VerifyError
+from oci2disk.recipe import InitramfsSpec
 from oci2disk.rootfs import Entry, Kind, with_digests
 from oci2disk.rootfs.archives import TarTree
-from oci2disk.verify import Difference, compare, fsck
+from oci2disk.rootfs.flatten import flatten
+from oci2disk.verify import Difference, compare, fsck, verify_artifact
+from oci2disk.workspace import Workspace
 
 MTIME = 1_700_000_000
 MIB = 1 << 20
@@ -413,3 +420,43 @@ def test_non_utf8_name_round_trip(tmp_path: Path, rootfs_tar: Path) -> None:
     tar = {r.path: r for r in tar_records(rootfs_tar)}[NON_UTF8]
     disk = {r.path: r for r in fs_records(image)}[NON_UTF8]
     assert tar == disk
+
+
+VERIFY_SAMPLE: list[Member] = [
+    directory("etc"),
+    file("etc/hostname", b"box\n"),
+    file("usr/bin/python3.11", b"python" * 5000, mode=0o755),
+    hardlink("usr/bin/python3", "usr/bin/python3.11"),
+    symlink("bin", "usr/bin"),
+    file("usr/bin/su", b"su", mode=0o4755),
+    file("sbin/init", b"#!/bin/sh\n", mode=0o755),
+]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"),
+    [
+        (Format.TAR, "root.tar"),
+        (Format.CGZ, "root.cgz"),
+        (Format.DIR, "root.d"),
+        (Format.RAW, "disk.raw"),
+        (Format.QCOW2, "disk.qcow2"),
+    ],
+)
+def test_verify_artifact_reads_each_kind(tmp_path: Path, fmt: Format, name: str) -> None:
+    """One reader per kind of artifact; the expected side is the flattened image."""
+    image = make_image(tmp_path / "layout", [VERIFY_SAMPLE])
+    out = tmp_path / name
+    options = ConvertOptions(initramfs=InitramfsSpec(init="/sbin/init"))
+    with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
+        result = convert(image, rootfs, {fmt: out}, options, ws)
+    source = f"oci:{tmp_path / 'layout'}:{TAG}"
+    report = verify_artifact(out, source, ignore=result.generated)
+    assert report.equal, report.differences
+    assert report.checked == len(VERIFY_SAMPLE) + 4  # ".", usr, usr/bin, sbin
+    if fmt is Format.TAR:
+        (tmp_path / "changed").mkdir()
+        subprocess.run(["tar", "-xf", os.fspath(out), "-C", os.fspath(tmp_path / "changed")])
+        (tmp_path / "changed" / "etc" / "hostname").write_bytes(b"BOX\n")
+        changed = verify_artifact(tmp_path / "changed", source, ignore=result.generated)
+        assert [(d.path, d.what) for d in changed.differences] == [("etc/hostname", "content")]

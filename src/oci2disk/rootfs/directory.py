@@ -98,13 +98,16 @@ class DirectoryTree:
 
     def open(self, path: str) -> BinaryIO:
         key = normalize_path(path)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before it is refused.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(self._full(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self._full(key), flags)
         except OSError as exc:
             raise VerifyError(f"cannot open {key} in {self.root}: {exc.strerror}") from exc
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise VerifyError(f"{key} in {self.root} is not a regular file")
+        os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
 
 
