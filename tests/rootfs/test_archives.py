@@ -10,6 +10,7 @@ import lzma
 import os
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,25 @@ from oci2disk.verify import compare
 
 HELLO = b"hello, world\n"
 BIG = bytes(range(256)) * 5000
-COMPRESSORS = {
-    "plain": lambda data: data,
-    "gzip": lambda data: gzip.compress(data, mtime=0),
-    "zstd": lambda data: zstandard.ZstdCompressor().compress(data),
-    "xz": lambda data: lzma.compress(data),
+
+
+def _plain(data: bytes) -> bytes:
+    return data
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def _zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data)
+
+
+COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
+    "plain": _plain,
+    "gzip": _gzip,
+    "zstd": _zstd,
+    "xz": lzma.compress,
 }
 
 
