@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from layerkit import file, make_image
 from oci2disk import run
 from oci2disk.arch import Arch
+from oci2disk.convert import ConvertOptions, Format, convert
+from oci2disk.convert.options import DiskSpec
+from oci2disk.convert.options import Table as ConvTable
 from oci2disk.diskimage.partitions import (
     GPT,
     GPT_BIOS_BOOT,
@@ -27,6 +31,8 @@ from oci2disk.diskimage.partitions import (
     root_type,
     write_table,
 )
+from oci2disk.rootfs.flatten import flatten
+from oci2disk.workspace import Workspace
 
 MIB = 1 << 20
 DISK_GUID = "3f2c7a1e-5b4d-4e8f-9a0b-1c2d3e4f5a6b"
@@ -183,3 +189,27 @@ def test_write_refuses_what_a_table_cannot_hold(tmp_path: Path) -> None:
     quoted = Table(GPT, DISK_GUID, (Partition(1, MIB, MIB, GPT_LINUX_DATA, GPT, name='a"b'),))
     with pytest.raises(PartitionTableError, match="double quote"):
         write_table(disk, quoted)
+
+
+@pytest.mark.parametrize("table", [ConvTable.MBR, ConvTable.GPT])
+def test_a_converted_disk_carries_the_root_type_of_the_image_arch(
+    tmp_path: Path, table: ConvTable
+) -> None:
+    """The raw output's table: placeholders, then the root partition with the type of
+    the image config's architecture (amd64), read back as verify and boot read it."""
+    image = make_image(tmp_path / "layout", [[file("etc/hostname", b"box\n")]])
+    out = tmp_path / "disk.raw"
+    options = ConvertOptions(disk=DiskSpec(table=table, root_partition=2))
+    with Workspace() as ws, flatten(image, ws.subdir("flat")) as rootfs:
+        convert(image, rootfs, {Format.RAW: out}, options, ws)
+    written = read_table(out)
+    assert written is not None
+    bios, root = written.partitions
+    assert (bios.number, bios.start, bios.size) == (1, MIB, MIB)
+    assert root.number == 2 and root.start == 2 * MIB
+    if table is ConvTable.GPT:
+        assert (bios.type, bios.name) == (GPT_BIOS_BOOT, "bios")
+        assert root.type == Arch.X86_64.gpt_root and root.is_root
+    else:
+        assert (bios.type, root.type, root.bootable) == (MBR_NON_FS, MBR_LINUX, True)
+    assert root_partition(written.partitions) == root
