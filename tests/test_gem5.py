@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 
 from clikit import oci2disk
-from oci2disk import extfs
 from oci2disk.convert import ConvertOptions
+from oci2disk.diskimage import extfs, partitions
 from oci2disk.errors import RecipeError
 from oci2disk.pipeline import convert_ref
 from oci2disk.recipe import DiskSpec, Format, Table, load
+from oci2disk.rootfs import Kind
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ROOT / "recipes" / "gem5-ubuntu" / "files"
@@ -280,7 +281,7 @@ def resolve(fs: extfs.ExtFs, path: str) -> str:
         part = todo.pop(0)
         entry = fs.lookup("/".join([*done, part]))
         assert entry is not None, f"/{'/'.join([*done, part])} is missing"
-        if entry.kind == "symlink":
+        if entry.kind is Kind.SYMLINK:
             target = entry.linkname
             done = [] if target.startswith("/") else done
             todo = [p for p in target.split("/") if p] + todo
@@ -312,7 +313,7 @@ def test_gem5_root_is_on_the_partition_the_manifest_names(
     assert manifest["root_partition"] == 2  # DiskImageResource(root_partition="2")
     filesystem = manifest["filesystem"]
     assert isinstance(filesystem, dict)
-    parts = {p.number: p for p in extfs.find_partitions(gem5_build / "disk.raw")}
+    parts = {p.number: p for p in partitions.read_partitions(gem5_build / "disk.raw")}
     assert sorted(parts) == [1, 2]
     # partition 1: an empty 1 MiB BIOS boot partition, as in gem5-resources' images
     assert parts[1].type == "21686148-6449-6e6f-744e-656564454649"

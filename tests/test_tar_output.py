@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from layerkit import Member, device, directory, file, hardlink, symlink
+from oci2disk.compression import open_decompressed
 from oci2disk.convert import ConvertOptions, convert, default_outputs
-from oci2disk.convert.compress import open_decompressed
 from oci2disk.errors import RecipeError
-from oci2disk.rootfs.flatten import flatten
 from oci2disk.recipe import ArchiveCompression, Format, TarSpec, load
-from oci2disk.verify import compare, records_from_tar
+from oci2disk.rootfs.archives import TarTree
+from oci2disk.rootfs.flatten import flatten
+from oci2disk.verify import compare
 from oci2disk.workspace import Workspace
 from outputkit import convert_to, image_of, image_records
 
@@ -62,7 +63,7 @@ def test_tar_holds_the_image_plain_or_compressed(
     # no ext filesystem for an fstab to name: a tar carries one only when asked (--fstab)
     assert result.generated == ()
     with open_decompressed(out) as stream:
-        have = list(records_from_tar(stream))
+        have = list(TarTree.from_stream(stream).entries())
     assert compare(image_records(image), have, ignore=result.generated) == []
     # GNU tar reads it (and finds the compression by itself)
     listing = subprocess.run(["tar", "-tf", str(out)], capture_output=True, text=True, check=True)
@@ -113,9 +114,9 @@ def test_docker_import_runs_it_and_export_gives_it_back(base_image: str, outdir:
             subprocess.run(["docker", "rm", container], capture_output=True)
         subprocess.run(["docker", "rmi", tag], capture_output=True)
     with open_decompressed(out) as stream:
-        ours = list(records_from_tar(stream))
+        ours = list(TarTree.from_stream(stream).entries())
     with exported.open("rb") as stream:
-        theirs = list(records_from_tar(stream))
+        theirs = list(TarTree.from_stream(stream).entries())
     assert len(ours) > 5000
     assert "etc/fstab" not in result.generated
     # entry by entry equal, except the files Docker itself adds to every container
