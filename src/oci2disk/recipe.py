@@ -120,6 +120,8 @@ class DiskSpec:
     # The partition number of the root filesystem (gem5's root_partition); the partitions
     # before it are 1 MiB placeholders (the first one a BIOS boot partition on GPT).
     root_partition: int = 1
+    # The largest disk the machine it is for can address (gem5's IdeDisk: 128 GiB).
+    max_size: int | None = None
 
 
 # The highest root partition number each table can hold (MBR: primary partitions only).
@@ -332,6 +334,7 @@ def _disk(s: _Section) -> DiskSpec:
     if len(label.encode()) > 16:
         raise s.error("label", "at most 16 bytes (the ext4 limit)")
     table = s.enum("table", Table, Table.MBR)
+    max_size = _max_size(s, size)
     return DiskSpec(
         table=table,
         fs=s.enum("fs", FsType, FsType.EXT4),
@@ -340,7 +343,23 @@ def _disk(s: _Section) -> DiskSpec:
         uuid=uuid.lower() if uuid else None,
         fstab=s.enum("fstab", FstabMode, FstabMode.UUID),
         root_partition=_root_partition(s, table),
+        max_size=max_size,
     )
+
+
+def _max_size(s: _Section, size: int | None) -> int | None:
+    text = s.text("max_size")
+    if text is None:
+        return None
+    try:
+        limit = parse_size(text)
+    except ValueError:
+        limit = None
+    if limit is None:
+        raise s.error("max_size", 'a size like "128G" (the largest disk the target can address)')
+    if size is not None and size > limit:
+        raise s.error("size", f"at most disk.max_size ({text}, what the target can address)")
+    return limit
 
 
 def _root_partition(s: _Section, table: Table) -> int:
