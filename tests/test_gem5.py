@@ -368,6 +368,28 @@ def test_m5_wrapper_refuses_an_unknown_event(guest: Guest) -> None:
     assert "usage: gem5-m5 event booted|started|done" in ran.stderr
 
 
+@pytest.mark.parametrize(
+    ("gem5_ref", "conf"),
+    [
+        ("v22.1.0.0", "GEM5_PROTOCOL=classic\nGEM5_BRIDGE_DRIVER=no"),
+        ("v24.1.0.3", "GEM5_PROTOCOL=classic\nGEM5_BRIDGE_DRIVER=no"),
+        ("v25.0.0.1", "GEM5_PROTOCOL=hypercall\nGEM5_BRIDGE_DRIVER=yes"),
+        ("v25.1.0.0", "GEM5_PROTOCOL=hypercall\nGEM5_BRIDGE_DRIVER=yes"),
+        ("develop", "GEM5_PROTOCOL=hypercall\nGEM5_BRIDGE_DRIVER=yes"),
+    ],
+)
+def test_gem5_ref_picks_the_protocol(tmp_path: Path, gem5_ref: str, conf: str) -> None:
+    out = tmp_path / "etc" / "m5.conf"
+    ran = subprocess.run(
+        ["sh", os.fspath(FILES / "m5-conf"), gem5_ref, os.fspath(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert f"GEM5_REF={gem5_ref}\n{conf}\n" in out.read_text()
+
+
 # --- the root partition number -------------------------------------------------------
 
 
@@ -581,8 +603,14 @@ def test_gem5_boot_flow_is_in_the_image(rootfs: extfs.ExtFs, manifest: dict[str,
     for path in ("usr/local/sbin/gem5-init", "usr/local/bin/gem5-detect"):
         entry = rootfs.lookup(path)
         assert entry is not None and stat.S_IMODE(entry.mode) == 0o755
-    hook = read(rootfs, "/etc/profile.d/gem5-after-boot.sh")
-    assert "/usr/local/bin/gem5-after-boot" in hook
+    # the post-boot step is the last line of the gem5 user's .bashrc, as in gem5-resources
+    bashrc = read(rootfs, "/home/gem5/.bashrc").rstrip("\n").splitlines()
+    assert bashrc[-1] == "[ -x /usr/local/bin/gem5-after-boot ] && /usr/local/bin/gem5-after-boot"
+    assert rootfs.lookup("etc/profile.d/gem5-after-boot.sh") is None
+    # the default GEM5_REF is the newest gem5 release: hypercalls through gem5_bridge
+    m5_conf = read(rootfs, "/usr/local/etc/gem5/m5.conf")
+    assert "GEM5_REF=v25.1.0.0\nGEM5_PROTOCOL=hypercall\nGEM5_BRIDGE_DRIVER=yes\n" in m5_conf
+    assert read(rootfs, "/usr/local/bin/gem5-m5") == (FILES / "gem5-m5").read_text()
     # the serial console logs the gem5 user in
     getty = read(rootfs, "/etc/systemd/system/serial-getty@.service.d/autologin.conf")
     assert "--autologin gem5" in getty
@@ -603,8 +631,8 @@ def test_gem5_boot_flow_is_in_the_image(rootfs: extfs.ExtFs, manifest: dict[str,
     assert read(rootfs, "/etc/hostname") == "gem5\n"
     assert re.search(r"^127\.0\.1\.1\s+gem5$", read(rootfs, "/etc/hosts"), re.M)
     # M5_SOURCE=none: no m5 at all, nothing that pretends to be one
-    for name in ("gem5-bridge", "m5"):
-        assert rootfs.lookup(f"usr/local/bin/{name}") is None
+    for name in ("usr/local/bin/gem5-bridge", "usr/local/bin/m5", "usr/sbin/m5"):
+        assert rootfs.lookup(name) is None
     assert rootfs.lookup("usr/local/lib/libm5.a") is None
 
 
@@ -683,3 +711,139 @@ def test_gem5_layout_works_beyond_8_gib(
         ["e2fsck", "-fn", f"{out}?offset={2 * MiB}"], capture_output=True, text=True, check=False
     )
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+@pytest.mark.parametrize(
+    ("gem5_ref", "message"),
+    [
+        ("main", "GEM5_REF=main: not a gem5 release tag"),
+        ("v20.1.0.5", "GEM5_REF=v20.1.0.5: gem5 before v21.0 is not supported"),
+    ],
+)
+def test_a_gem5_ref_the_recipe_cannot_support_fails_the_build(
+    base_image: str, tmp_path: Path, gem5_ref: str, message: str
+) -> None:
+    result = oci2disk(
+        "build",
+        str(ROOT / "recipes" / "gem5-debian"),
+        "-o",
+        str(tmp_path),
+        "--build-arg",
+        f"BASE={base_image}",
+        "--build-arg",
+        "M5_SOURCE=none",
+        "--build-arg",
+        f"GEM5_REF={gem5_ref}",
+    )
+    assert result.code == 1
+    assert message in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def standin_disk(image: str, out: Path) -> Path:
+    """tests/data/gem5/gem5-standin on top of ``image``: the recording m5 stand-in."""
+    result = oci2disk(
+        "build", str(DATA / "gem5-standin"), "-o", str(out), "--build-arg", f"IMAGE={image}"
+    )
+    assert result.code == 0, result.stderr
+    return out / "disk.raw"
+
+
+def boot_console(disk: Path, append: str) -> str:
+    log = disk.with_name("boot.log")
+    result = oci2disk(
+        "boot",
+        str(disk),
+        "--append",
+        append,
+        "--expect",
+        r"gem5@gem5:~\$",
+        "--timeout",
+        "300",
+        "--log",
+        str(log),
+    )
+    console = ANSI.sub("", log.read_text(errors="replace")).replace("\r", "")
+    assert result.code == 0, f"{result.stderr}\nconsole tail:\n{console[-3000:]}"
+    print(f"\n{result.stdout.strip()}")
+    return console
+
+
+def check_readfile_run(console: str, calls: list[str]) -> None:
+    """What gem5 would see: the stand-in's calls in order, the readfile script's whole
+    output between the readfile call and the last signal, then the shell."""
+    found = [(m.start(), m[1]) for m in re.finditer(r"^gem5-standin: m5 (.*)$", console, re.M)]
+    assert [call for _, call in found] == calls
+    at = [start for start, _ in found]
+    first = console.index("readfile script: user gem5, STANDIN_FROM_BASHRC=yes")
+    last = console.index("readfile script: the last line")
+    ended = console.index("gem5-after-boot: the readfile script ended with status 0")
+    prompt = console.index("gem5@gem5:~$", at[3])
+    assert at[1] < at[2] < first < last < ended < at[3] < prompt
+    for bad in ("Kernel panic", "emergency mode", "command not found", "Illegal instruction"):
+        assert bad not in console
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_gem5_v24_boot_gives_gem5_three_exits_around_the_readfile_script(
+    gem5_build: Path, base_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """GEM5_REF=v24.1.0.3, systemd: a QEMU boot with gem5=1 and a stand-in m5."""
+    subprocess.run(
+        [
+            "docker",
+            "build",
+            "-q",
+            "-t",
+            IMAGE_V24,
+            "--build-arg",
+            f"BASE={base_image}",
+            "--build-arg",
+            "M5_SOURCE=none",
+            "--build-arg",
+            "GEM5_REF=v24.1.0.3",
+            os.fspath(ROOT / "recipes" / "gem5-ubuntu"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    disk = standin_disk(IMAGE_V24, tmp_path_factory.mktemp("gem5-v24-standin"))
+    console = boot_console(disk, "gem5=1")
+    check_readfile_run(console, ["exit", "exit", "readfile", "exit"])
+    init = console.index("gem5-init: the kernel is up; telling gem5 (m5 exit): gem5: gem5=1")
+    assert init < console.index("gem5-standin: m5 exit")
+    assert "gem5_bridge" not in console  # gem5 v24's m5 needs no driver
+    systemd = console.index("gem5-init: starting systemd")
+    target = console.index("Reached target multi-user.target")
+    login = console.index("gem5 login: gem5 (automatic login)")
+    assert init < systemd < target < login < console.index("gem5-after-boot: started")
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_gem5_v25_boot_gives_gem5_hypercalls_without_systemd(
+    gem5_build: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The default GEM5_REF (v25): hypercalls 1, 2, 3; no gem5_bridge module in this
+    image (M5_SOURCE=none), so the console says m5 goes through /dev/mem instead."""
+    disk = standin_disk(IMAGE, tmp_path_factory.mktemp("gem5-v25-standin"))
+    console = boot_console(disk, "gem5=1 no_systemd")
+    addr = "--addr=0xffff0000"
+    calls = [
+        f"{addr} hypercall 1",
+        f"{addr} hypercall 2",
+        f"{addr} readfile",
+        f"{addr} hypercall 3",
+    ]
+    check_readfile_run(console, calls)
+    fallback = console.index(
+        "gem5-init: cannot load the gem5_bridge driver (modprobe: FATAL: Module gem5_bridge"
+    )
+    assert f"m5 calls go through /dev/mem instead ({addr})" in console[fallback:]
+    init = console.index("gem5-init: the kernel is up; telling gem5 (m5 hypercall 1)")
+    no_systemd = console.index("gem5-init: no_systemd: logging in gem5 on the console")
+    assert fallback < init < console.index(f"gem5-standin: m5 {calls[0]}") < no_systemd
+    assert "Reached target" not in console and "automatic login" not in console
