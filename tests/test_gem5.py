@@ -337,6 +337,8 @@ def test_v25_without_the_driver_falls_back_to_dev_mem_and_says_so(guest: Guest) 
     assert "gem5-init: cannot load the gem5_bridge driver (modprobe: FATAL: Module" in init.stdout
     assert "m5 calls go through /dev/mem instead (--addr=0xffff0000)" in init.stdout
     assert boot_calls(guest) == [f"--addr=0xffff0000 {c}" for c in PROTOCOLS["v25.1.0.0"][1]]
+    # /sbin/m5 of a legacy rcS script that names its own call type: left alone
+    assert guest.run("gem5-m5", "--addr=0x10010000", "exit").calls == ["--addr=0x10010000 exit"]
     guest.arch = "riscv64"  # no magic address there: m5's magic instruction
     guest.cmdline += " gem5=1"
     assert guest.run("gem5-after-boot").calls[0] == "--inst hypercall 2"
