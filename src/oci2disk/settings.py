@@ -160,6 +160,18 @@ def size(value: Any) -> int | None:
         raise Invalid('a size like "4G" or "auto"') from None
 
 
+def limit_size(value: Any) -> int | None:
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        result = parse_size(value)
+    except ValueError:
+        result = None
+    if result is None:
+        raise Invalid('a size like "128G" (the largest disk the target machine can address)')
+    return result
+
+
 def label(value: Any) -> str:
     result = text(value)
     if len(result.encode()) > LABEL_MAX:
@@ -272,6 +284,13 @@ SETTINGS: tuple[Setting[Any], ...] = (
         size,
         None,
         "disk size: 4G, 512M or auto (default: the content's need plus room)",
+    ),
+    Setting(
+        "disk.max_size",
+        "--max-size",
+        limit_size,
+        None,
+        "the largest disk the target machine can address (gem5's IdeDisk: 128G)",
     ),
     Setting(
         "disk.table",
@@ -409,10 +428,18 @@ def disk_spec(values: Values) -> DiskSpec:
             raise Problem(
                 "disk.root_partition", f"a {table.value} partition from 1 to {highest}{more}"
             )
+    size_: int | None = get(values, "disk.size")
+    max_size: int | None = get(values, "disk.max_size")
+    if size_ is not None and max_size is not None and size_ > max_size:
+        shown = f"{max_size >> 30}G" if max_size % (1 << 30) == 0 else f"{max_size} bytes"
+        raise Problem(
+            "disk.size", f"at most disk.max_size ({shown}, what the target machine can address)"
+        )
     return DiskSpec(
         table=table,
         fs=get(values, "disk.fs"),
-        size=get(values, "disk.size"),
+        size=size_,
+        max_size=max_size,
         label=get(values, "disk.label"),
         uuid=get(values, "disk.uuid"),
         fstab=get(values, "disk.fstab"),

@@ -155,6 +155,12 @@ def plan_layout(stats: RootfsStats, spec: DiskSpec) -> DiskLayout:
         fs_bytes = (disk_bytes - head - tail) // BLOCK * BLOCK
         if fs_bytes < estimate.minimum:
             raise too_small(spec.size, estimate, head + tail)
+    if spec.max_size is not None and disk_bytes > spec.max_size:
+        raise ConvertError(
+            f"the disk would be {human(disk_bytes)}, more than the recipe's disk.max_size "
+            f"{human(spec.max_size)} (the largest disk its target machine can address)",
+            hint="make the image smaller or set a smaller disk.size",
+        )
     return DiskLayout(spec.table, disk_bytes, head, fs_bytes, partition)
 
 

@@ -83,18 +83,40 @@ def extract_vmlinux(vmlinuz: bytes, workdir: Path) -> bytes:
     if vmlinuz.startswith(ELF_MAGIC):
         return vmlinuz
     tried: list[str] = []
+    kind = _non_elf_kind(vmlinuz)
     for codec, start in _candidates(vmlinuz):
         tried.append(f"{codec.label}@{start}")
         elf = _decompress(codec, vmlinuz[start:], workdir)
         if elf is not None and elf.startswith(ELF_MAGIC):
             log.info("vmlinux: %s payload at byte %d, %d bytes", codec.label, start, len(elf))
             return elf
+        kind = kind or (_non_elf_kind(elf) if elf else None)
+    if kind is not None:
+        raise ConvertError(
+            f"the kernel image is {kind}, which has no ELF kernel (vmlinux) inside: "
+            "only x86 kernels carry one; gem5 loads ELF kernels only",
+            hint="give gem5 a vmlinux from a kernel build (its top directory) or a kernel "
+            "made for gem5 (gem5-resources' arm64-linux-kernel-*, riscv-linux-kernel-*), "
+            "and drop vmlinux = true from [kernel]",
+        )
     raise ConvertError(
         "cannot find the ELF kernel (vmlinux) inside the kernel image"
         + (f" (tried {', '.join(tried[:12])})" if tried else " (no compressed payload found)"),
         hint="the kernel may use a compression oci2disk does not read (lzo); "
         "drop vmlinux = true from [kernel]",
     )
+
+
+def _non_elf_kind(data: bytes) -> str | None:
+    """Kernel images with no ELF file inside: the arm64 and riscv64 Image (headers in
+    the kernel's Documentation/arch/*/booting.rst) and EFI zboot (an Image, compressed)."""
+    if data[:2] == b"MZ" and data[4:8] == b"zimg":
+        return "an EFI zboot image (a compressed arm64/riscv64 Image)"
+    if data[0x38:0x3C] == b"ARM\x64":
+        return "an arm64 Image"
+    if data[0x38:0x3C] == b"RSC\x05":
+        return "a riscv64 Image"
+    return None
 
 
 def _candidates(data: bytes) -> Iterator[tuple[Compression, int]]:

@@ -52,6 +52,8 @@ class DiskSpec:
     # The partition number of the root filesystem (gem5's root_partition); the partitions
     # before it are 1 MiB placeholders (the first one a BIOS boot partition on GPT).
     root_partition: int = 1
+    # The largest disk the machine it is for can address (gem5's IdeDisk: 128 GiB).
+    max_size: int | None = None
     # Also write /etc/fstab into the outputs that are not disks (tar, cgz, dir): only
     # when asked, since no ext filesystem exists there for it to name.
     fstab_all_outputs: bool = False
