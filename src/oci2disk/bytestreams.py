@@ -93,6 +93,7 @@ class RunReader(io.RawIOBase):
             os.close(self._fd)
         super().close()
 
+
 class BatchingWriter:
     """Batches small writes (headers, small files) into 1 MiB writes; large ones pass
     straight through. ``pad`` zero-fills to the archive's alignment (512 for tar,
