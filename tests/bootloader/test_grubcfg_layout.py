@@ -11,11 +11,13 @@ from bootdiskkit import ROOT_UUID
 from oci2disk import run
 from oci2disk.bootloader import (
     BootloaderError,
+    GrubTarget,
     Role,
     TableKind,
     early_config,
     gpt_layout,
     grub_cfg,
+    install,
     kernel_cmdline,
     kernels_in_boot,
     mbr_layout,
@@ -106,3 +108,22 @@ def test_mbr_layout_leaves_the_gap_for_core_img() -> None:
     assert layout.bios_embed_area == (1, 2047)
     assert layout.get(Role.ESP) is None
     assert layout.disk_bytes == 65 * MiB
+
+
+def test_uefi_on_a_disk_without_an_esp_is_refused(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(MiB))
+    with pytest.raises(BootloaderError, match="needs an EFI system partition") as info:
+        install(
+            disk,
+            mbr_layout(64 * MiB),
+            root_uuid=ROOT_UUID,
+            bios_modules=None,
+            efi_target=GrubTarget.X86_64_EFI,
+            efi_modules=Path("/usr/lib/grub/x86_64-efi"),
+            seed="s",
+            epoch=0,
+            workdir=tmp_path,
+        )
+    assert info.value.hint is not None and "gpt_layout" in info.value.hint
+    assert disk.read_bytes() == bytes(MiB)  # nothing written

@@ -179,9 +179,7 @@ def install(
             "partition (MBR) at least 1 MiB",
         )
     area = read_at(disk, first_sector * SECTOR, sectors * SECTOR)
-    if area.strip(b"\0") and area[FIRST_BLOCKLIST + BLOCKLIST.size - 2 : SECTOR] != struct.pack(
-        "<H", FIRST_LOAD_SEGMENT
-    ):
+    if area.count(0) != len(area) and not _is_core_sector(area[:SECTOR]):
         raise BootloaderError(
             f"sectors {first_sector}..{first_sector + sectors - 1} of {os.fspath(disk)} are "
             "not empty; refusing to overwrite them with GRUB's core.img",
@@ -190,3 +188,9 @@ def install(
     sector0 = read_at(disk, 0, SECTOR)
     write_at(disk, first_sector * SECTOR, patch_core_blocklist(core, first_sector))
     write_at(disk, 0, patch_boot_sector(boot_img, sector0, first_sector))
+
+
+def _is_core_sector(sector: bytes) -> bool:
+    """Whether a sector looks like diskboot.img: its first blocklist entry loads at 0x820."""
+    segment: int = BLOCKLIST.unpack_from(sector, FIRST_BLOCKLIST)[2]
+    return segment == FIRST_LOAD_SEGMENT
