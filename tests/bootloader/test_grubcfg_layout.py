@@ -68,6 +68,10 @@ def test_grub_cfg_boots_the_newest_kernel_with_debian_defaults_and_extra_args(
 
 def test_arm64_uses_the_pl011_console_and_errors_name_the_fix() -> None:
     assert kernel_cmdline(ROOT_UUID, arch="arm64").endswith("console=tty0 console=ttyAMA0")
+    text = grub_cfg(ROOT_UUID, kernels_in_boot(BOOT), arch="arm64")
+    assert "ttyAMA0" in text and "ttyS0" not in text
+    # GRUB arm64-efi has no com0: a serial line would print errors before the menu
+    assert "serial" not in text
     with pytest.raises(BootloaderError, match="no kernel") as info:
         grub_cfg(ROOT_UUID, [])
     assert info.value.hint is not None and "linux-image" in info.value.hint
