@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -111,3 +113,16 @@ def test_a_folder_without_grub_modules_names_the_package(tmp_path: Path) -> None
     with pytest.raises(BootloaderError, match="not a GRUB i386-pc module folder") as info:
         grub_pc.build_core_image(tmp_path, ROOT_UUID)
     assert info.value.hint is not None and "grub-pc-bin" in info.value.hint
+
+
+def test_modules_of_another_platform_or_grub_release_are_refused(tmp_path: Path) -> None:
+    efi = Path("/usr/lib/grub/x86_64-efi")
+    with pytest.raises(BootloaderError, match="modules for x86_64-efi, not i386-pc"):
+        grub_pc.build_core_image(efi, ROOT_UUID)
+    other = tmp_path / "i386-pc"
+    shutil.copytree(MODULES, other)
+    info = other / "modinfo.sh"
+    info.write_text(re.sub(r'grub_version="[^"]*"', 'grub_version="2.99"', info.read_text()))
+    with pytest.raises(BootloaderError, match=r"are GRUB 2\.99 but the host's") as caught:
+        grub_pc.build_core_image(other, ROOT_UUID)
+    assert caught.value.hint is not None and "/usr/lib/grub/i386-pc" in caught.value.hint

@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import re
+from functools import cache
 from pathlib import Path
 
 from oci2disk import run
@@ -81,7 +83,8 @@ class GrubTarget(enum.Enum):
 
 
 def require_modules_dir(modules_dir: Path, target: GrubTarget) -> None:
-    """Fail with the package to install when ``modules_dir`` is not a GRUB module folder."""
+    """Fail with the package to install when ``modules_dir`` is not a GRUB module folder
+    for ``target`` of the same GRUB release as the host's grub-mkimage."""
     if not (modules_dir / "moddep.lst").is_file():
         raise BootloaderError(
             f"{os.fspath(modules_dir)} is not a GRUB {target.value} module folder "
@@ -89,6 +92,41 @@ def require_modules_dir(modules_dir: Path, target: GrubTarget) -> None:
             hint=f"install {target.debian_package} on the host (it fills "
             f"{os.fspath(target.host_modules_dir)}), or use an image that ships it",
         )
+    info = modinfo(modules_dir)
+    platform = f"{info.get('grub_modinfo_target_cpu')}-{info.get('grub_modinfo_platform')}"
+    if "grub_modinfo_platform" in info and platform != target.value:
+        raise BootloaderError(
+            f"{os.fspath(modules_dir)} holds GRUB modules for {platform}, not {target.value}",
+            hint=f"use the {target.value} folder ({target.debian_package})",
+        )
+    have, tool = info.get("grub_version"), grub_mkimage_version()
+    # kernel.img and the module format change between GRUB releases: grub-mkimage of
+    # one release makes images that do not boot from modules of another.
+    if have and tool and have != tool:
+        raise BootloaderError(
+            f"the GRUB modules in {os.fspath(modules_dir)} are GRUB {have} but the host's "
+            f"grub-mkimage is GRUB {tool}",
+            hint=f"use the host's own module folder ({os.fspath(target.host_modules_dir)}), "
+            f"or install grub-common {have} on the host (Debian bookworm-backports has 2.12)",
+        )
+
+
+def modinfo(modules_dir: Path) -> dict[str, str]:
+    """The shell variables of the folder's modinfo.sh (grub_version, grub_modinfo_platform ...)."""
+    try:
+        text = (modules_dir / "modinfo.sh").read_text(errors="replace")
+    except OSError:
+        return {}
+    found = re.findall(r"^(grub_\w+)=['\"]?([^'\"\n]*)['\"]?$", text, re.MULTILINE)
+    return dict(found)
+
+
+@cache
+def grub_mkimage_version() -> str | None:
+    """The GRUB release of the host's grub-mkimage ("2.06"), or None if it does not say."""
+    out = run.run(["grub-mkimage", "--version"], what="grub-mkimage --version failed").stdout
+    match = re.search(r"\(GRUB\) (\d+\.\d+)", out.decode(errors="replace"))
+    return match.group(1) if match else None
 
 
 def fat_volume_id(seed: str) -> int:
