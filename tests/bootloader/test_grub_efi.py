@@ -16,6 +16,7 @@ from oci2disk.bootloader import (
     fat_volume_id,
     fat_volume_uuid,
     grub_efi,
+    write_modules_dir,
 )
 from oci2disk.bootloader.common import MiB
 
@@ -106,3 +107,18 @@ def test_bios_is_not_an_efi_target() -> None:
     assert GrubTarget.efi_for_arch("arm64").removable_path == "EFI/BOOT/BOOTAA64.EFI"
     with pytest.raises(BootloaderError, match="riscv64"):
         GrubTarget.efi_for_arch("riscv64")
+
+
+def test_the_images_own_module_folder_is_written_out_flat(tmp_path: Path) -> None:
+    files = [
+        ("./usr/lib/grub/arm64-efi/normal.mod", b"normal"),
+        ("usr/lib/grub/arm64-efi/moddep.lst", b"normal: \n"),
+        ("usr/lib/grub/arm64-efi/sub/evil.mod", b"not flat"),
+        ("usr/lib/grub/x86_64-efi/normal.mod", b"other target"),
+        ("etc/hostname", b"box\n"),
+    ]
+    dest = write_modules_dir(files, GrubTarget.ARM64_EFI, tmp_path / "mods")
+    assert dest == tmp_path / "mods"
+    assert sorted(p.name for p in dest.iterdir()) == ["moddep.lst", "normal.mod"]
+    assert (dest / "normal.mod").read_bytes() == b"normal"
+    assert write_modules_dir(files[3:], GrubTarget.ARM64_EFI, tmp_path / "none") is None

@@ -2,17 +2,22 @@
 
 Integration, in order (the disk writer owns the partition table and the filesystem):
 
-1. ``layout = gpt_layout(fs_bytes)`` (BIOS + UEFI) or ``mbr_layout(fs_bytes)`` (BIOS
-   only). ``layout.disk_bytes`` is the file size; write ``layout.partitions`` into
-   the table (number, start, size, type, name, bootable) and the root filesystem at
-   ``layout.root.start`` with its UUID.
-2. Before mke2fs: add ``boot/grub/grub.cfg`` to the rootfs stream, the text of
-   ``grub_cfg(root_uuid, kernels_in_boot(names in /boot), cmdline=user's extra,
-   arch=..., partmap="gpt"|"msdos")``.
-3. After the table is in the file: ``install(disk, layout, root_uuid=...,
-   bios_modules=Path("/usr/lib/grub/i386-pc") or None, efi_target=..., efi_modules=...
-   or None, seed=image digest, epoch=SOURCE_DATE_EPOCH, workdir=temp dir)``.
-   It runs the steps below, which can also be called one by one:
+1. ``layout = gpt_layout(fs_bytes)`` (BIOS + UEFI; ``bios=False`` for UEFI only) or
+   ``mbr_layout(fs_bytes)`` (BIOS only). ``layout.disk_bytes`` is the file size; write
+   ``layout.partitions`` into the table (number, start, size, type, name, bootable)
+   and the root filesystem at ``layout.root.start`` with its UUID.
+2. Into the rootfs stream, before mke2fs: ``boot/grub/grub.cfg`` with the text of
+   ``grub_cfg(root_uuid, kernels_in_boot(base names in /boot), cmdline=the user's
+   extra, arch="amd64"|"arm64", partmap="gpt"|"msdos")``; with an ESP, the directory
+   ``boot/efi`` and the fstab line ``UUID=<fat_volume_uuid(fat_volume_id(seed))>
+   /boot/efi vfat umask=0077 0 1`` beside the root's (Debian's). The command line
+   says ``ro`` as Debian's does: the root's fstab line (errors=remount-ro) makes
+   systemd remount it read-write; without an fstab, put ``rw`` in ``cmdline``.
+3. Once the table is in the file (before or after mke2fs, which does not touch these
+   bytes): ``install(disk, layout, root_uuid=..., bios_modules=folder or None,
+   efi_target=GrubTarget.efi_for_arch(arch) or None, efi_modules=folder or None,
+   seed=image digest, epoch=SOURCE_DATE_EPOCH, workdir=a temp dir)``. It returns
+   ``Installed`` for the manifest and runs these steps, which can be called one by one:
 
    - BIOS: ``grub_pc.install(disk, grub_pc.build_core_image(mods, uuid),
      grub_pc.boot_image(mods), first_sector=..., max_sectors=...)`` with
@@ -21,6 +26,12 @@ Integration, in order (the disk writer owns the partition table and the filesyst
      grub_efi.build_efi_image(mods, target, uuid)), volume_id=fat_volume_id(seed),
      epoch=epoch, hidden_sectors=esp.start_sector)``, then
      ``grub_efi.copy_into_disk(tmp, disk, esp.start, esp.size)``.
+
+Module folders: the host's (``GrubTarget.host_modules_dir``, from Debian grub-pc-bin and
+grub-efi-amd64-bin), or the image's own, written to a temp dir by
+``write_modules_dir(((path, bytes) of the rootfs's regular files), target, tmp)``: that is
+the way for arm64 (there is no grub-efi-arm64-bin for an amd64 host). A folder of
+another GRUB release than the host's grub-mkimage is refused; for x86, prefer the host's.
 
 Every function takes paths, bytes and numbers; none reads the recipe or prints.
 """
@@ -37,6 +48,7 @@ from oci2disk.bootloader.common import (
     GrubTarget,
     fat_volume_id,
     fat_volume_uuid,
+    write_modules_dir,
 )
 from oci2disk.bootloader.grubcfg import (
     Kernel,
@@ -72,6 +84,7 @@ __all__ = [
     "kernel_cmdline",
     "kernels_in_boot",
     "mbr_layout",
+    "write_modules_dir",
 ]
 
 

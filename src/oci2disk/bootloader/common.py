@@ -9,6 +9,7 @@ import enum
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
@@ -109,6 +110,29 @@ def require_modules_dir(modules_dir: Path, target: GrubTarget) -> None:
             hint=f"use the host's own module folder ({os.fspath(target.host_modules_dir)}), "
             f"or install grub-common {have} on the host (Debian bookworm-backports has 2.12)",
         )
+
+
+def write_modules_dir(
+    files: Iterable[tuple[str, bytes]], target: GrubTarget, dest: Path
+) -> Path | None:
+    """Write the image's GRUB module folder for ``target`` into ``dest`` and return it.
+
+    ``files`` are the image's regular files as (path relative to /, content); only those
+    under usr/lib/grub/<target>/ are written. Returns None when the image has none.
+    """
+    prefix = f"usr/lib/grub/{target.value}/"
+    count = 0
+    dest.mkdir(parents=True, exist_ok=True)
+    for path, data in files:
+        name = path.removeprefix("./").removeprefix("/")
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix) :]
+        if not rest or "/" in rest or rest in (".", ".."):
+            continue  # GRUB's folders are flat; anything else is not ours to write
+        (dest / rest).write_bytes(data)
+        count += 1
+    return dest if count else None
 
 
 def modinfo(modules_dir: Path) -> dict[str, str]:
