@@ -13,6 +13,7 @@ from oci2disk import run
 from oci2disk.bootloader import (
     BootloaderError,
     GrubTarget,
+    esp,
     fat_volume_id,
     fat_volume_uuid,
     grub_efi,
@@ -30,7 +31,7 @@ def efi_image() -> bytes:
 
 
 def make_esp(path: Path, efi_image: bytes, seed: str = "sha256:1234") -> None:
-    grub_efi.make_esp_image(
+    esp.make_esp_image(
         path,
         64 * MiB,
         grub_efi.esp_files(TARGET, efi_image),
@@ -47,19 +48,19 @@ def test_grub_efi_is_a_reproducible_pe_image(efi_image: bytes) -> None:
 
 
 def test_esp_holds_the_loader_at_the_removable_path(tmp_path: Path, efi_image: bytes) -> None:
-    esp = tmp_path / "esp.fat"
-    make_esp(esp, efi_image)
-    assert esp.stat().st_size == 64 * MiB
+    image = tmp_path / "esp.fat"
+    make_esp(image, efi_image)
+    assert image.stat().st_size == 64 * MiB
     back = tmp_path / "back.efi"
-    run.run(["mcopy", "-i", os.fspath(esp), "::/EFI/BOOT/BOOTX64.EFI", os.fspath(back)])
+    run.run(["mcopy", "-i", os.fspath(image), "::/EFI/BOOT/BOOTX64.EFI", os.fspath(back)])
     assert back.read_bytes() == efi_image
-    listing = run.run(["mdir", "-i", os.fspath(esp), "::/EFI/BOOT"]).stdout.decode()
+    listing = run.run(["mdir", "-i", os.fspath(image), "::/EFI/BOOT"]).stdout.decode()
     assert "2023-11-14" in listing  # SOURCE_DATE_EPOCH 1700000000, not today
-    blkid = run.run(["blkid", "-p", "-o", "export", os.fspath(esp)]).stdout.decode()
+    blkid = run.run(["blkid", "-p", "-o", "export", os.fspath(image)]).stdout.decode()
     assert "TYPE=vfat" in blkid
     assert f"UUID={fat_volume_uuid(fat_volume_id('sha256:1234'))}" in blkid
     assert "LABEL=EFI" in blkid
-    run.run(["fsck.fat", "-n", os.fspath(esp)])
+    run.run(["fsck.fat", "-n", os.fspath(image)])
 
 
 def test_esp_bytes_depend_only_on_the_inputs(tmp_path: Path, efi_image: bytes) -> None:
@@ -76,23 +77,23 @@ def test_esp_bytes_depend_only_on_the_inputs(tmp_path: Path, efi_image: bytes) -
 def test_copy_into_disk_fills_only_the_range_and_stays_sparse(
     tmp_path: Path, efi_image: bytes
 ) -> None:
-    esp = tmp_path / "esp.fat"
-    make_esp(esp, efi_image)
+    image = tmp_path / "esp.fat"
+    make_esp(image, efi_image)
     disk = tmp_path / "disk.raw"
     with disk.open("wb") as f:
         f.truncate(200 * MiB)
         f.seek(2 * MiB - 1)
         f.write(b"\x01")  # a byte just before the partition must survive
-    grub_efi.copy_into_disk(esp, disk, 2 * MiB, 64 * MiB)
+    esp.copy_into_disk(image, disk, 2 * MiB, 64 * MiB)
     with disk.open("rb") as f:
         f.seek(2 * MiB - 1)
         assert f.read(1) == b"\x01"
-        assert f.read(64 * MiB) == esp.read_bytes()
+        assert f.read(64 * MiB) == image.read_bytes()
         assert f.read(MiB) == bytes(MiB)
     allocated = disk.stat().st_blocks * 512
     assert allocated < 16 * MiB  # the zero clusters were not written
     with pytest.raises(BootloaderError, match="its partition has"):
-        grub_efi.copy_into_disk(esp, disk, 2 * MiB, 32 * MiB)
+        esp.copy_into_disk(image, disk, 2 * MiB, 32 * MiB)
 
 
 def test_volume_id_comes_from_the_seed() -> None:

@@ -22,10 +22,10 @@ Integration, in order (the disk writer owns the partition table and the filesyst
    - BIOS: ``grub_pc.install(disk, grub_pc.build_core_image(mods, uuid),
      grub_pc.boot_image(mods), first_sector=..., max_sectors=...)`` with
      ``layout.bios_embed_area``.
-   - UEFI: ``grub_efi.make_esp_image(tmp, esp.size, grub_efi.esp_files(target,
+   - UEFI: ``esp.make_esp_image(tmp, part.size, grub_efi.esp_files(target,
      grub_efi.build_efi_image(mods, target, uuid)), volume_id=fat_volume_id(seed),
-     epoch=epoch, hidden_sectors=esp.start_sector)``, then
-     ``grub_efi.copy_into_disk(tmp, disk, esp.start, esp.size)``.
+     epoch=epoch, hidden_sectors=part.start_sector)``, then
+     ``esp.copy_into_disk(tmp, disk, part.start, part.size)`` (part: ``layout.get(Role.ESP)``).
 
 Module folders: the host's (``GrubTarget.host_modules_dir``, from Debian grub-pc-bin and
 grub-efi-amd64-bin), or the image's own, written to a temp dir by
@@ -42,7 +42,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from oci2disk.bootloader import grub_efi, grub_pc
+from oci2disk.bootloader import esp, grub_efi, grub_pc
 from oci2disk.bootloader.common import (
     BootloaderError,
     GrubTarget,
@@ -126,8 +126,8 @@ def install(
         bios = True
     loader = esp_uuid = None
     if efi_target is not None:
-        esp = layout.get(Role.ESP)
-        if esp is None or efi_modules is None:
+        part = layout.get(Role.ESP)
+        if part is None or efi_modules is None:
             raise BootloaderError(
                 "UEFI boot needs an EFI system partition and GRUB EFI modules",
                 hint="use gpt_layout(..., esp=True) and pass the module folder "
@@ -137,15 +137,15 @@ def install(
         volume_id = fat_volume_id(seed)
         image = workdir / "esp.fat"
         try:
-            grub_efi.make_esp_image(
+            esp.make_esp_image(
                 image,
-                esp.size,
+                part.size,
                 grub_efi.esp_files(efi_target, efi_image),
                 volume_id=volume_id,
                 epoch=epoch,
-                hidden_sectors=esp.start_sector,
+                hidden_sectors=part.start_sector,
             )
-            grub_efi.copy_into_disk(image, disk, esp.start, esp.size)
+            esp.copy_into_disk(image, disk, part.start, part.size)
         finally:
             if image.exists():
                 os.unlink(image)
