@@ -33,6 +33,10 @@ grub-efi-amd64-bin), or the image's own, written to a temp dir by
 the way for arm64 (there is no grub-efi-arm64-bin for an amd64 host). A folder of
 another GRUB release than the host's grub-mkimage is refused; for x86, prefer the host's.
 
+systemd-boot instead of GRUB (UEFI only): ``systemd_boot.esp_files(loader bytes,
+kernels_in_boot(...)[0], {base name: bytes} of that kernel and initrd, root_uuid=...,
+cmdline=..., arch=...)`` into ``esp.make_esp_image`` and ``esp.copy_into_disk`` as above.
+
 Every function takes paths, bytes and numbers; none reads the recipe or prints.
 """
 
@@ -42,7 +46,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from oci2disk.bootloader import esp, grub_efi, grub_pc
+from oci2disk.bootloader import esp, grub_efi, grub_pc, systemd_boot
 from oci2disk.bootloader.common import (
     BootloaderError,
     GrubTarget,
@@ -76,14 +80,18 @@ __all__ = [
     "Role",
     "TableKind",
     "early_config",
+    "esp",
     "fat_volume_id",
     "fat_volume_uuid",
     "gpt_layout",
     "grub_cfg",
+    "grub_efi",
+    "grub_pc",
     "install",
     "kernel_cmdline",
     "kernels_in_boot",
     "mbr_layout",
+    "systemd_boot",
     "write_modules_dir",
 ]
 
