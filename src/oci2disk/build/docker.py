@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -24,28 +23,12 @@ log = logging.getLogger("oci2disk.build")
 STEP_RE = re.compile(r"^Step \d+/\d+ : ")
 TAIL = 20
 
-DOCKER_HINT = "start the engine (`dockerd &`, or ./setup.sh which starts it), or check DOCKER_HOST"
-
 
 def client() -> Any:
-    """A low-level docker-py client for the engine from the environment."""
-    try:
-        import docker
-        import docker.errors
-    except ImportError:  # pragma: no cover - it is a dependency
-        raise Oci2DiskError(
-            "the docker Python package is missing", hint="pip install docker"
-        ) from None
-    try:
-        api = docker.APIClient(base_url=_base_url(), version="auto", timeout=600)
-        api.ping()
-    except Exception as exc:
-        raise BuildError(f"no Docker Engine answers ({_short(exc)})", hint=DOCKER_HINT) from None
-    return api
+    """A low-level docker-py client for the engine DOCKER_HOST names (local by default)."""
+    from oci2disk.engines import connect
 
-
-def _base_url() -> str:
-    return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    return connect()
 
 
 def _short(exc: BaseException) -> str:
