@@ -14,7 +14,8 @@ PACKAGES=(
   qemu-utils qemu-system-x86 mtools fdisk cpio util-linux
   libarchive13 iptables ca-certificates debian-archive-keyring
   zstd pigz xz-utils isal lz4 python3-venv python3-dev attr libcap2-bin
-  docker-registry qemu-user-static binfmt-support arch-test qemu-system-arm
+  qemu-user-static binfmt-support arch-test qemu-system-arm
+  docker-compose
 )
 
 need_apt=0
