@@ -15,7 +15,7 @@ PACKAGES=(
   libarchive13 iptables ca-certificates debian-archive-keyring
   zstd pigz xz-utils isal lz4 python3-venv python3-dev attr libcap2-bin
   qemu-user-static binfmt-support arch-test qemu-system-arm
-  docker-compose
+  docker-compose openssh-server
 )
 
 need_apt=0

@@ -1,10 +1,12 @@
 """Builds and docker-daemon: sources on a Docker Engine that DOCKER_HOST names: a second
-engine listening on loopback TCP, and clear errors when none answers there."""
+engine listening on loopback TCP, an engine reached over ssh://, and clear errors when
+none answers there."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from clikit import oci2disk
 from enginekit import Engine, start_engine
 from oci2disk.extfs import open_filesystem
+from sshkit import start_sshd
 
 NAME = "oci2disk-recipe/remote:latest"
 
@@ -49,6 +52,29 @@ def test_recipe_builds_on_an_engine_over_tcp(engine: Engine, base_image: str, ou
     with open_filesystem(disk) as fs, fs.open("etc/built-on") as f:
         assert f.read() == b"second-engine\n"
     check = oci2disk("verify", str(disk), "--against", f"docker-daemon:{NAME}", env=env)
+    assert check.code == 0, check.stdout + check.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_recipe_builds_on_an_engine_over_ssh(base_image: str, outdir: Path) -> None:
+    """ssh://USER@127.0.0.1:PORT: docker-py logs in with paramiko and runs
+    `docker system dial-stdio` there (this machine's engine, reached through ssh)."""
+    server = start_sshd()
+    recipe = outdir / "over-ssh"
+    recipe.mkdir()
+    (recipe / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo over-ssh > /etc/built-on\n")
+    (recipe / "recipe.toml").write_text('[outputs]\nname = "ssh"\nformats = ["tar"]\n')
+    env = {"DOCKER_HOST": server.url, "HOME": str(server.home)}
+    result = oci2disk("--json", "build", str(recipe), "-o", str(outdir / "out"), env=env)
+    assert result.code == 0, result.stderr
+    source = json.loads(result.stdout)["source"]["ref"]
+    assert source == "docker-daemon:oci2disk-recipe/over-ssh:latest"
+    with tarfile.open(outdir / "out" / "ssh.tar") as tar:
+        member = next(m for m in tar if m.name.removeprefix("./") == "etc/built-on")
+        data = tar.extractfile(member)
+        assert data is not None and data.read() == b"over-ssh\n"
+    check = oci2disk("verify", str(outdir / "out" / "ssh.tar"), "--against", source, env=env)
     assert check.code == 0, check.stdout + check.stderr
 
 
