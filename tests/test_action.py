@@ -161,3 +161,14 @@ def test_action_builds_for_arm64(action_image: str, runner_dirs: Path, arm64_bas
     assert manifest["source"]["platform"].startswith("linux/arm64")
     with open_filesystem(run.workspace / run.outputs["raw"]) as fs, fs.open("etc/built-arch") as f:
         assert f.read() == b"arm64\n"
+
+
+def test_an_image_input_becomes_a_recipe_naming_it(tmp_path: Path) -> None:
+    from oci2disk import recipe
+    from oci2disk.action import recipe_for_image
+
+    inputs = ActionInputs(image="docker://ghcr.io/me/img:1", name="vm", platform="linux/arm64")
+    loaded = recipe.load(recipe_for_image(inputs, tmp_path))
+    assert loaded.build.image == "docker://ghcr.io/me/img:1"
+    assert loaded.build.platform == "linux/arm64"
+    assert loaded.outputs.name == "vm"

@@ -115,7 +115,7 @@ def _oci2disk(args: Sequence[str], *, json_out: bool) -> str:
     return (out or b"").decode()
 
 
-def _recipe_for_image(inputs: ActionInputs, folder: Path) -> Path:
+def recipe_for_image(inputs: ActionInputs, folder: Path) -> Path:
     """A recipe that names an image instead of a Dockerfile (``[build] image = ...``)."""
     recipe = folder / inputs.name
     recipe.mkdir(parents=True)
@@ -135,7 +135,7 @@ def run_action(inputs: ActionInputs, workspace: Path) -> ActionResult:
         if inputs.recipe:
             recipe = (workspace / inputs.recipe).resolve()
         else:
-            recipe = _recipe_for_image(inputs, Path(tmp))
+            recipe = recipe_for_image(inputs, Path(tmp))
         args = ["--json", "build", os.fspath(recipe), "-o", os.fspath(outdir)]
         if inputs.verbose:
             args.insert(0, "-v")
