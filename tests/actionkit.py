@@ -46,6 +46,7 @@ class ActionRun:
     log: str
     outputs: dict[str, str]
     workspace: Path
+    summary: str
 
 
 def build_action_image(base_image: str) -> str:
@@ -75,6 +76,7 @@ def run_action(image: str, runner: Path, inputs: Mapping[str, str]) -> ActionRun
     assert not unknown, f"inputs not in action.yml: {unknown}"
     output_file = runner / "file_commands" / "set_output_0123"
     output_file.touch()
+    (runner / "file_commands" / "step_summary_0123").touch()
     for path in runner.rglob("*"):
         shutil.chown(path, RUNNER_UID, RUNNER_UID)
     shutil.chown(runner, RUNNER_UID, RUNNER_UID)
@@ -84,6 +86,7 @@ def run_action(image: str, runner: Path, inputs: Mapping[str, str]) -> ActionRun
             "HOME": "/github/home",
             "GITHUB_WORKSPACE": "/github/workspace",
             "GITHUB_OUTPUT": "/github/file_commands/set_output_0123",
+            "GITHUB_STEP_SUMMARY": "/github/file_commands/step_summary_0123",
             "GITHUB_ACTIONS": "true",
             "CI": "true",
             "RUNNER_OS": "Linux",
@@ -104,4 +107,7 @@ def run_action(image: str, runner: Path, inputs: Mapping[str, str]) -> ActionRun
     for line in output_file.read_text().splitlines():
         key, _, value = line.partition("=")
         outputs[key] = value
-    return ActionRun(proc.returncode, proc.stdout + proc.stderr, outputs, runner / "workspace")
+    summary = (runner / "file_commands" / "step_summary_0123").read_text()
+    return ActionRun(
+        proc.returncode, proc.stdout + proc.stderr, outputs, runner / "workspace", summary
+    )

@@ -104,6 +104,7 @@ def test_action_builds_and_boots_debian_qemu(
     manifest = _check_outputs(run, ["raw", "qcow2"])
     assert run.outputs["boot"] == "passed"
     assert run.outputs["qcow2"].startswith("out/disks/")
+    assert f"`{run.outputs['qcow2']}`" in run.summary  # the run's summary page lists it
     boot_log = run.workspace / run.outputs["boot-log"]
     assert "oci2disk-boot-ok" in boot_log.read_text(errors="replace")
     assert manifest["source"]["platform"] == "linux/amd64"

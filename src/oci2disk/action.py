@@ -242,6 +242,26 @@ def write_outputs(outputs: Mapping[str, str], github_output: Path) -> None:
             f.write(f"{name}={value}\n")
 
 
+def summary(result: ActionResult, outputs: Mapping[str, str]) -> str:
+    """A Markdown table of the outputs for the run's summary page (GITHUB_STEP_SUMMARY)."""
+    lines = [
+        f"### oci2disk: {outputs['manifest']}",
+        "",
+        f"Source image `{outputs['digest']}`; boot check: {outputs['boot']}.",
+        "",
+        "| format | path | size | sha256 |",
+        "|---|---|---:|---|",
+    ]
+    for artifact in json.loads(outputs["artifacts"]):
+        lines.append(
+            f"| {artifact['format']} | `{artifact['path']}` | {artifact['size']} "
+            f"| `{artifact['sha256']}` |"
+        )
+    for pushed in result.pushed:
+        lines.append(f"\nPushed the {pushed['shape']} to `{pushed['ref']}` ({pushed['digest']}).")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     env = os.environ
     workspace = Path(env.get("GITHUB_WORKSPACE") or os.getcwd())
@@ -251,6 +271,9 @@ def main() -> int:
         outputs = step_outputs(result, workspace)
         if env.get("GITHUB_OUTPUT"):
             write_outputs(outputs, Path(env["GITHUB_OUTPUT"]))
+        if env.get("GITHUB_STEP_SUMMARY"):
+            with Path(env["GITHUB_STEP_SUMMARY"]).open("a") as f:
+                f.write(summary(result, outputs))
     except Oci2DiskError as exc:
         # ::error:: puts the message on the run's summary page.
         first, _, rest = str(exc).partition("\n")
