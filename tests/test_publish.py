@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -24,9 +26,12 @@ from oci2disk.publish import (
     push_containerdisk,
     push_outputs,
 )
+from test_unprivileged import NOBODY, unprivileged_python
 
 if TYPE_CHECKING:
     from registrykit import Registry
+
+__all__ = ["unprivileged_python"]  # the fixture, used by name
 
 pytest_plugins = ("registrykit",)  # the registry fixtures
 
@@ -153,3 +158,64 @@ def test_push_errors_name_the_fix(outdir: Path) -> None:
         push_containerdisk(
             disk, "127.0.0.1:1/x:y", outdir / "w", platform=Platform("linux", "amd64")
         )
+
+
+PUSH_SCRIPT = """\
+import json, sys
+from pathlib import Path
+from oci2disk.publish import push_outputs
+
+results = push_outputs(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
+print(json.dumps([r.to_json() for r in results]))
+"""
+
+
+def test_push_needs_no_root(
+    qcow2_run: Path,
+    registry: Registry,
+    outdir: Path,
+    unprivileged_python: tuple[str, dict[str, str]],
+) -> None:
+    """uid 65534, no capabilities: the files it owns, pushed in both shapes."""
+    data = json.loads(qcow2_run.read_text())
+    mine = outdir / "mine"
+    mine.mkdir()
+    for artifact in data["artifacts"]:
+        copy = mine / Path(artifact["path"]).name
+        shutil.copyfile(artifact["path"], copy)
+        artifact["path"] = str(copy)
+    manifest = mine / qcow2_run.name
+    manifest.write_text(json.dumps(data))
+    for path in [mine, *mine.iterdir()]:
+        os.chown(path, NOBODY, NOBODY)
+    python, env = unprivileged_python
+    dest = registry.name("disks/rootless:v1")
+    who = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         "--inh-caps=-all", "--bounding-set=-all",
+         python, "-c", PUSH_SCRIPT, str(manifest), dest, str(mine / "work")],
+        capture_output=True, text=True, check=False, timeout=600,
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/nonexistent", **env},
+    )  # fmt: skip
+    assert who.returncode == 0, who.stderr
+    pushed = json.loads(who.stdout)
+    assert [p["shape"] for p in pushed] == ["containerdisk", "artifact"]
+    assert registry.has("disks/rootless", "v1") and registry.has("disks/rootless", "v1-artifact")
+
+
+def test_auth_file_follows_docker_config(monkeypatch: pytest.MonkeyPatch, outdir: Path) -> None:
+    from oci2disk.publish import auth_file
+
+    for name in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(outdir / "home"))
+    anonymous = auth_file(outdir)
+    assert anonymous.parent == outdir and json.loads(anonymous.read_text()) == {"auths": {}}
+    docker_home = outdir / "home" / ".docker"
+    docker_home.mkdir(parents=True)
+    (docker_home / "config.json").write_text('{"auths": {}}')
+    assert auth_file(outdir) == docker_home / "config.json"
+    (outdir / "ci").mkdir()
+    (outdir / "ci" / "config.json").write_text('{"auths": {}}')
+    monkeypatch.setenv("DOCKER_CONFIG", str(outdir / "ci"))
+    assert auth_file(outdir) == outdir / "ci" / "config.json"

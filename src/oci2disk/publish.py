@@ -11,10 +11,10 @@
 Both are written as an OCI layout in a work folder and copied with ``skopeo copy``,
 which asks the registry for every blob before it sends it: a blob already there (an
 earlier or interrupted push, the same disk under another tag) is not sent again.
-Nothing needs root. Credentials come from the usual files: ``$DOCKER_CONFIG/config.json``
-when DOCKER_CONFIG is set, else containers' ``auth.json`` and ``~/.docker/config.json``
-(``docker login`` / ``skopeo login`` write them). Loopback registries are spoken to
-over plain HTTP, as the Docker Engine does.
+Nothing needs root. Credentials come from the usual files (``docker login`` /
+``skopeo login`` write them): REGISTRY_AUTH_FILE, ``$DOCKER_CONFIG/config.json``,
+containers' ``auth.json``, ``~/.docker/config.json`` (see :func:`auth_file`).
+Loopback registries are spoken to over plain HTTP, as the Docker Engine does.
 
 Host tools: skopeo.
 """
@@ -402,7 +402,7 @@ def push_layout(layout: Path, tag: str, dest: ImageRef, shape: Shape) -> PushRes
         "skopeo", "--debug", "copy", "--preserve-digests", "--retry-times", "3",
         "--digestfile", os.fspath(digest_file),
         *tls_flag("dest-tls-verify", dest.registry),
-        *_authfile_flag(),
+        "--dest-authfile", os.fspath(auth_file(layout)),
         f"oci:{os.fspath(layout)}:{tag}", str(dest),
     ]  # fmt: skip
     log.info("pushing the %s to %s", shape.value, dest)
@@ -421,12 +421,30 @@ def _unique(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _authfile_flag() -> list[str]:
-    # containers-image reads ~/.docker/config.json by itself, but not DOCKER_CONFIG.
-    config_dir = os.environ.get("DOCKER_CONFIG")
-    if config_dir and (Path(config_dir) / "config.json").is_file():
-        return ["--dest-authfile", os.fspath(Path(config_dir) / "config.json")]
-    return []
+def auth_file(workdir: Path) -> Path:
+    """The credentials file skopeo is given: the first readable one of REGISTRY_AUTH_FILE,
+    $DOCKER_CONFIG/config.json, containers' auth.json ($XDG_RUNTIME_DIR/containers,
+    ~/.config/containers) and ~/.docker/config.json; else an empty one in ``workdir``.
+
+    Always naming one keeps skopeo from its own default, /run/containers/UID/auth.json,
+    which a user without XDG_RUNTIME_DIR may not read ("permission denied"); and
+    containers-image would not look at DOCKER_CONFIG at all.
+    """
+    env = os.environ
+    home = Path.home() if env.get("HOME") else None
+    candidates = [
+        env.get("REGISTRY_AUTH_FILE"),
+        env.get("DOCKER_CONFIG") and os.path.join(env["DOCKER_CONFIG"], "config.json"),
+        env.get("XDG_RUNTIME_DIR") and os.path.join(env["XDG_RUNTIME_DIR"], "containers/auth.json"),
+        home and os.fspath(home / ".config/containers/auth.json"),
+        home and os.fspath(home / ".docker/config.json"),
+    ]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.R_OK):
+            return Path(candidate)
+    anonymous = workdir / ".anonymous-auth.json"
+    anonymous.write_text('{"auths": {}}\n')
+    return anonymous
 
 
 def _push_error(dest: ImageRef, exc: CommandError) -> PushError:
