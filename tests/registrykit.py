@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import os
 import subprocess
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +37,19 @@ COMPOSE_COMMAND = "docker-compose"
 @dataclass(frozen=True)
 class Registry:
     host: str  # "127.0.0.1:PORT"
+    login: tuple[str, str] | None = None  # user and password, when it wants a login
 
     def name(self, repository: str) -> str:
         """``127.0.0.1:PORT/REPOSITORY[:TAG]``, as a FROM line or `docker pull` writes it."""
         return f"{self.host}/{repository}"
 
     def answers(self) -> bool:
+        """/v2/ answers: 200, or 401 from a registry that wants a login."""
         try:
             with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as response:
                 return bool(response.status == 200)
+        except urllib.error.HTTPError as exc:
+            return exc.code == 401
         except OSError:
             return False
 
@@ -67,23 +72,31 @@ _RUNNING: dict[str, Registry] = {}
 _PUSHED: set[tuple[str, str]] = set()
 
 
-def start_registry(base_image: str) -> Registry:
-    """Start the registry service (building its image FROM ``base_image`` once)."""
-    if "registry" in _RUNNING:
-        return _RUNNING["registry"]
+# The login of the registry-auth service (tests/services/registry/htpasswd).
+AUTH_USER = "oci2disk"
+AUTH_PASSWORD = "oci2disk-test-password"
+
+
+def start_registry(base_image: str, service: str = "registry") -> Registry:
+    """Start the registry services (building their image FROM ``base_image`` once) and
+    return ``service``: "registry", or "registry-auth" which wants a login."""
+    if service in _RUNNING:
+        return _RUNNING[service]
     os.environ["OCI2DISK_TEST_BASE"] = base_image  # compose reads it for the build arg
     compose = DockerComposeExecutor(COMPOSE_COMMAND, str(COMPOSE_FILE), f"oci2disk{os.getpid()}")
     atexit.register(compose.execute, "down -v")
     compose.execute("up --build -d")
     services = Services(compose)
-    registry = Registry(f"127.0.0.1:{services.port_for('registry', 5000)}")
-    try:
-        services.wait_until_responsive(check=registry.answers, timeout=START_TIMEOUT, pause=0.2)
-    except Exception:
-        logs = compose.execute("logs registry").decode(errors="replace")
-        raise RuntimeError(f"the registry service did not answer: {logs[-2000:]}") from None
-    _RUNNING["registry"] = registry
-    return registry
+    for name in ("registry", "registry-auth"):
+        login = (AUTH_USER, AUTH_PASSWORD) if name == "registry-auth" else None
+        started = Registry(f"127.0.0.1:{services.port_for(name, 5000)}", login)
+        try:
+            services.wait_until_responsive(check=started.answers, timeout=START_TIMEOUT, pause=0.2)
+        except Exception:
+            logs = compose.execute(f"logs {name}").decode(errors="replace")
+            raise RuntimeError(f"the {name} service did not answer: {logs[-2000:]}") from None
+        _RUNNING[name] = started
+    return _RUNNING[service]
 
 
 def push(registry: Registry, source: str, repository: str, tag: str) -> str:
@@ -110,3 +123,9 @@ def registry(base_image: str) -> Registry:
 def registry_base(registry: Registry, base_image: str) -> str:
     """The bootstrapped Debian base in the registry: ``127.0.0.1:PORT/debian:bookworm``."""
     return push(registry, f"docker-daemon:{base_image}", "debian", "bookworm")
+
+
+@pytest.fixture(scope="session")
+def registry_auth(base_image: str) -> Registry:
+    """A registry on 127.0.0.1 that wants the login AUTH_USER / AUTH_PASSWORD."""
+    return start_registry(base_image, "registry-auth")

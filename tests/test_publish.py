@@ -3,6 +3,7 @@ Engine pulls and runs, and as a plain OCI artifact that skopeo reads back."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -219,3 +220,33 @@ def test_auth_file_follows_docker_config(monkeypatch: pytest.MonkeyPatch, outdir
     (outdir / "ci" / "config.json").write_text('{"auths": {}}')
     monkeypatch.setenv("DOCKER_CONFIG", str(outdir / "ci"))
     assert auth_file(outdir) == outdir / "ci" / "config.json"
+
+
+def test_push_uses_the_docker_login(
+    qcow2_run: Path, registry_auth: Registry, outdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials as `docker login` stores them ($DOCKER_CONFIG/config.json)."""
+    for name in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(outdir / "home"))
+    dest = registry_auth.name("disks/private:v1")
+    with pytest.raises(PushError, match="log in first"):
+        push_outputs(qcow2_run, dest, outdir / "anonymous", shapes=(Shape.ARTIFACT,))
+
+    config = outdir / "docker-config"
+    config.mkdir()
+    assert registry_auth.login is not None
+    user, password = registry_auth.login
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    (config / "config.json").write_text(
+        json.dumps({"auths": {registry_auth.host: {"auth": token}}})
+    )
+    monkeypatch.setenv("DOCKER_CONFIG", str(config))
+    results = push_outputs(qcow2_run, dest, outdir / "logged-in", shapes=(Shape.ARTIFACT,))
+    assert results[0].sent
+    listed = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false",
+         "--authfile", str(config / "config.json"), f"docker://{dest}"],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    assert json.loads(listed.stdout)["artifactType"] == ARTIFACT_TYPE
