@@ -14,9 +14,16 @@ PACKAGES=(
   qemu-utils qemu-system-x86 mtools fdisk cpio util-linux
   libarchive13 iptables ca-certificates debian-archive-keyring
   zstd pigz xz-utils isal lz4 python3-venv python3-dev attr libcap2-bin
-  docker-registry qemu-user-static binfmt-support arch-test qemu-system-arm
+  qemu-user-static binfmt-support arch-test qemu-system-arm
   grub-common grub-pc-bin grub-efi-amd64-bin dosfstools ovmf qemu-efi-aarch64 systemd-boot-efi
 )
+# Test-only packages (./test.sh sets OCI2DISK_SETUP_TESTS=1): docker-compose runs the
+# tests' registry container (pytest-docker), and the ssh:// engine test starts its own
+# sshd on loopback. The ssh service the package would run is switched off below, so a
+# machine set up for tests gets no server on port 22.
+if [ "${OCI2DISK_SETUP_TESTS:-0}" = 1 ]; then
+  PACKAGES+=(docker-compose openssh-server)
+fi
 
 need_apt=0
 for p in "${PACKAGES[@]}"; do
@@ -38,6 +45,9 @@ if [ "$need_apt" = 1 ]; then
   if [ "${VERSION_CODENAME:-}" = bookworm ]; then e2fs="e2fsprogs/bookworm-backports"; fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     "${PACKAGES[@]}" "$e2fs"
+  if [ "${OCI2DISK_SETUP_TESTS:-0}" = 1 ] && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+  fi
 fi
 
 # Foreign-architecture builds (--platform linux/arm64) run RUN steps through qemu-user:

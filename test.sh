@@ -4,7 +4,7 @@
 # (slow ones included: they build images with the real Docker Engine and boot QEMU).
 set -euo pipefail
 cd "$(dirname "$0")"
-./setup.sh
+OCI2DISK_SETUP_TESTS=1 ./setup.sh
 .venv/bin/ruff check src tests bench
 .venv/bin/ruff format --check src tests bench
 .venv/bin/mypy

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import tarfile
 import tempfile
@@ -606,3 +607,20 @@ def layout_from_rootfs_tar(
         image_config["variant"] = plat.variant
     writer.add_image(image_config, [layer], tag)
     return open_layout(layout, tag)
+
+
+def copy_layout_image(image: OciImage, dest: Path, tag: str | None) -> OciImage:
+    """Copy one image (its manifest, config and layers) into another layout (``--add``
+    changes the copy, never the user's layout)."""
+    writer = LayoutWriter(dest)
+    for desc in (image.manifest, image.config_descriptor, *image.layers):
+        target = blob_path(dest, desc.digest)
+        if not target.exists():
+            shutil.copyfile(image.blob_path(desc.digest), target)
+    annotations = {REF_NAME: tag} if tag else {}
+    writer._add_to_index(
+        Descriptor(
+            image.manifest.media_type, image.manifest.digest, image.manifest.size, annotations
+        )
+    )
+    return open_layout(dest, tag)
