@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from oci2disk.errors import VerifyError
 from oci2disk.filetypes import kind_of
-from oci2disk.runs import RunReader
+from oci2disk.bytestreams import RunReader
 
 log = logging.getLogger("oci2disk.extfs")
 
