@@ -7,6 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from oci2disk.errors import ImageError, RefError
+from oci2disk.oci.layout import OciImage, Platform
+from oci2disk.sources.disk import image_from_disk, parse_disk_ref
 from sourcekit import (
     MIB,
     canonical_tar,
@@ -17,10 +21,6 @@ from sourcekit import (
     rich_image,
     run_as_nobody,
 )
-
-from oci2disk.errors import ImageError, RefError
-from oci2disk.oci.layout import OciImage, Platform
-from oci2disk.sources.disk import image_from_disk, parse_disk_ref
 
 LOST = ("lost+found",)
 

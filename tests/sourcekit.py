@@ -4,6 +4,7 @@ and a Python that uid 65534 can run oci2disk with."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import shutil
@@ -25,6 +26,8 @@ CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
 # A tiny x86-64 ELF header: enough for the architecture guess.
 ELF_X86_64 = b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x02\x00\x3e\x00" + bytes(44)
 MIB = 1 << 20
+# Incompressible and the same in every run (outputs are compared byte for byte).
+NOISE = b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(10_000))
 
 
 def rich_image(layout: Path) -> OciImage:
@@ -42,7 +45,7 @@ def rich_image(layout: Path) -> OciImage:
                 directory("home/alice", mode=0o750, uid=1000, gid=1000),
                 file("home/alice/notes", b"alice's\n", mode=0o600, uid=1000, gid=1000),
                 directory("srv", uid=2000, gid=3000, mode=0o2775),
-                file("srv/data", os.urandom(300_000), uid=2000, gid=3000),
+                file("srv/data", NOISE, uid=2000, gid=3000),
                 directory("tmp", mode=0o1777),
                 directory("usr"),
                 directory("usr/bin"),
