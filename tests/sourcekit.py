@@ -20,7 +20,7 @@ from oci2disk.oci.layout import OciImage
 from oci2disk.rootfs.flatten import flatten
 from oci2disk.rootfs.model import Entry, with_digests
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
 # A tiny x86-64 ELF header: enough for the architecture guess.
