@@ -42,6 +42,15 @@ def _open(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
         return transports.from_containers_storage(ref, workdir, platform)
     if ref.transport is Transport.ROOTFS:
         return transports.from_rootfs(ref, workdir, platform)
+    if ref.transport is Transport.DISK:
+        from oci2disk.sources.disk import image_from_disk, parse_disk_ref
+
+        disk, partition = parse_disk_ref(ref.name)
+        return image_from_disk(disk, workdir / "source", partition=partition, platform=platform)
+    if ref.transport is Transport.ISO:
+        from oci2disk.sources.iso import image_from_iso
+
+        return image_from_iso(ref.path, workdir / "source", platform=platform)
     _require_file(ref)
     if ref.transport is Transport.DOCKER_ARCHIVE:
         with ref.path.open("rb") as stream:
