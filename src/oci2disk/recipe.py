@@ -34,6 +34,8 @@ class Format(enum.Enum):
     CGZ = "cgz"
     DIR = "dir"
     KERNEL = "kernel"
+    SQUASHFS = "squashfs"
+    ISO = "iso"
 
     @property
     def suffix(self) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
 from oci2disk import run
-from oci2disk.convert import compress, cpio, directory, disk, kernel, qemu, tar
+from oci2disk.convert import compress, cpio, directory, disk, iso, kernel, qemu, squashfs, tar
 from oci2disk.errors import ConvertError
 from oci2disk.flatten import ExtraFile, FlatRootfs
 from oci2disk.oci.layout import OciImage
@@ -62,6 +62,8 @@ class ConvertOptions:
     tar: TarSpec = field(default_factory=TarSpec)
     kernel: KernelSpec = field(default_factory=KernelSpec)
     jobs: int | None = None  # converters running at once; None: one per core, at least 2
+    squashfs: squashfs.SquashfsSpec = field(default_factory=squashfs.SquashfsSpec)
+    iso: iso.IsoSpec = field(default_factory=iso.IsoSpec)
 
     @classmethod
     def from_recipe(cls, rcp: Recipe, source_date_epoch: int | None = None) -> ConvertOptions:
@@ -285,6 +287,32 @@ def write_kernel(job: Job, out: Path) -> None:
         )
 
 
+def write_squashfs(job: Job, out: Path) -> None:
+    spec = job.options.squashfs
+    with job.progress.step(f"writing the squashfs image ({spec.compressor.value})"):
+        squashfs.write_squashfs(
+            lambda sink: job.rootfs.write_tar(job.stream(sink, "squashfs"), extra=job.extra),
+            out,
+            spec,
+            source_date_epoch=job.options.source_date_epoch,
+            jobs=job.options.jobs,
+        )
+
+
+def write_iso(job: Job, out: Path) -> None:
+    with job.progress.step("writing the bootable ISO (kernel + the rootfs as initramfs)"):
+        iso.write_iso_from_rootfs(
+            job.rootfs,
+            out,
+            job.options.iso,
+            initramfs=job.options.initramfs,
+            kernel_version=job.options.kernel.version,
+            workdir=job.workspace.subdir("iso"),
+            mtime=job.timestamp,
+            source_date_epoch=job.options.source_date_epoch,
+        )
+
+
 REGISTRY: dict[Format, Converter] = {
     Format.RAW: write_raw,
     Format.FS: write_fs,
@@ -297,6 +325,8 @@ REGISTRY: dict[Format, Converter] = {
     Format.CGZ: write_cgz,
     Format.DIR: write_dir,
     Format.KERNEL: write_kernel,
+    Format.SQUASHFS: write_squashfs,
+    Format.ISO: write_iso,
 }
 
 
@@ -309,6 +339,8 @@ REQUIRES: dict[Format, tuple[str, ...]] = {
     Format.CGZ: (),
     Format.DIR: (),
     Format.KERNEL: (),
+    Format.SQUASHFS: ("tar2sqfs",),
+    Format.ISO: ("grub-mkrescue", "xorriso", "mformat"),
     **{fmt: (*_DISK_TOOLS, "qemu-img") for fmt in qemu.QEMU_FORMAT},
 }
 
