@@ -15,6 +15,7 @@ PACKAGES=(
   libarchive13 iptables ca-certificates debian-archive-keyring
   zstd pigz xz-utils isal lz4 python3-venv python3-dev attr libcap2-bin
   docker-registry qemu-user-static binfmt-support arch-test qemu-system-arm
+  squashfs-tools-ng xorriso grub-common grub-pc-bin grub-efi-amd64-bin ovmf busybox-static
 )
 
 need_apt=0
