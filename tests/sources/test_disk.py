@@ -156,13 +156,13 @@ def test_a_disk_with_no_ext_filesystem_names_what_it_found(tmp_path: Path) -> No
     text = str(caught.value)
     assert "1: an LVM2 physical volume" in text and "ext2/3/4 only" in text
     assert "virt-tar-out" in text
-    assert not (tmp_path / "work" / "image").exists()
+    assert not (tmp_path / "work" / "rootfs").exists()
 
 
 def test_a_partition_that_does_not_exist(raw_disk: Path, tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"no partition 7; the disk's GPT has partition\(s\) 1"):
         image_from_disk(raw_disk, tmp_path / "work", partition=7)
-    assert not (tmp_path / "work" / "image").exists()
+    assert not (tmp_path / "work" / "rootfs").exists()
 
 
 def test_a_truncated_qcow2_is_refused_before_anything_is_written(
@@ -180,7 +180,7 @@ def test_a_truncated_qcow2_is_refused_before_anything_is_written(
     cut.write_bytes(qcow2.read_bytes()[: qcow2.stat().st_size * 2 // 3])
     with pytest.raises(ImageError, match="damaged or truncated"):
         image_from_disk(cut, tmp_path / "work")
-    assert not (tmp_path / "work" / "image").exists()
+    assert not (tmp_path / "work" / "rootfs").exists()
     assert not (tmp_path / "work" / "disk" / "disk.raw").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import tarfile
 from pathlib import Path
@@ -121,3 +122,30 @@ def test_flatten_of_the_iso_source_is_an_image_like_any_other(
     with flatten(image, tmp_path / "flat") as rootfs:
         entry = rootfs.lookup("usr/bin/su")
         assert entry is not None and entry.mode == 0o4755
+
+
+def test_the_architecture_comes_from_the_squashfs_programs(tmp_path: Path) -> None:
+    """An arm64 live root read on an amd64 host is an arm64 image (the ELF header)."""
+    elf_arm64 = b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x02\x00\xb7\x00" + bytes(44)
+    tar = tmp_path / "arm64.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as out:
+        for name in ("usr", "usr/bin"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            out.addfile(info)
+        info = tarfile.TarInfo("usr/bin/dash")
+        info.size, info.mode = len(elf_arm64), 0o755
+        out.addfile(info, io.BytesIO(elf_arm64))
+        for link, target in (("bin", "usr/bin"), ("usr/bin/sh", "dash")):
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            out.addfile(info)
+    tree = tmp_path / "tree"
+    (tree / "live").mkdir(parents=True)
+    squashfs_from_tar(tar, tree / "live" / "filesystem.squashfs")
+    iso = tmp_path / "arm64.iso"
+    make_iso(tree, iso)
+    image = image_from_iso(iso, tmp_path / "work")
+    assert (image.config.architecture, image.config.variant) == ("arm64", "v8")
+    with flatten(image, tmp_path / "flat") as rootfs:
+        assert rootfs.lookup("usr/bin/dash") is not None

@@ -10,12 +10,24 @@ Host tools: none.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import struct
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from oci2disk.arch import Arch
 from oci2disk.errors import ImageError
-from oci2disk.oci.layout import OciImage, Platform, layout_from_rootfs_tar
+from oci2disk.oci.layout import (
+    MT_OCI_LAYER,
+    LayoutWriter,
+    OciImage,
+    Platform,
+    blob_path,
+    open_layout,
+)
 from oci2disk.rootfs.model import Kind, Tree, follow
 from oci2disk.rootfs.tarwriter import write_tree_tar
 
@@ -78,13 +90,66 @@ def image_from_tree(
 ) -> OciImage:
     """Write ``tree`` as a one-layer OCI layout in ``workdir``/image and open it."""
     plat = platform_of(tree, platform, where)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tar_path = workdir / "rootfs.tar"
+    return layout_from_stream(lambda out: write_tree_tar(tree, out), workdir / "image", plat)
+
+
+def layout_from_stream(
+    write_tar: Callable[[BinaryIO], object], layout: Path, platform: Platform
+) -> OciImage:
+    """A one-layer layout whose layer is what ``write_tar`` writes, stored as it streams.
+
+    The tar goes through a pipe straight into the blob store (hashed on the way), so a
+    rootfs is written to disk once, not once as a tar and again as a blob.
+    """
+    writer = LayoutWriter(layout)
+    read_fd, write_fd = os.pipe()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with open(write_fd, "wb") as out:
+                write_tar(out)
+        except BrokenPipeError:
+            pass  # the reader failed: its own error is raised below
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    producer = threading.Thread(target=produce, name="rootfs-tar", daemon=True)
+    producer.start()
     try:
-        with tar_path.open("wb") as out:
-            write_tree_tar(tree, out)
-        return layout_from_rootfs_tar(
-            tar_path, workdir / "image", None, platform=plat, config=DEFAULT_CONFIG
-        )
+        with open(read_fd, "rb") as stream:
+            layer = writer.add_stream(stream, MT_OCI_LAYER)
     finally:
-        tar_path.unlink(missing_ok=True)
+        producer.join()
+    if failure:
+        raise failure[0]
+    writer.add_image(image_config(platform, layer.digest), [layer], None)
+    return open_layout(layout, None)
+
+
+def with_platform(image: OciImage, platform: Platform, layout: Path) -> OciImage:
+    """``image`` (one layer) with another platform in its config, in a new ``layout``.
+
+    The layer blob is hard-linked, not copied.
+    """
+    (layer,) = image.layers
+    writer = LayoutWriter(layout)
+    target = blob_path(layout, layer.digest)
+    try:
+        os.link(image.blob_path(layer.digest), target)
+    except OSError:
+        shutil.copyfile(image.blob_path(layer.digest), target)
+    writer.add_image(image_config(platform, image.config.diff_ids[0]), [layer], None)
+    return open_layout(layout, None)
+
+
+def image_config(platform: Platform, diff_id: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "architecture": platform.architecture,
+        "os": platform.os,
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "config": DEFAULT_CONFIG,
+    }
+    if platform.variant:
+        config["variant"] = platform.variant
+    return config

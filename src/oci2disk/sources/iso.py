@@ -21,13 +21,19 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 from oci2disk import run
 from oci2disk.errors import CommandError, ImageError
-from oci2disk.oci.layout import OciImage, Platform, layout_from_rootfs_tar
+from oci2disk.oci.layout import OciImage, Platform, host_platform
 from oci2disk.rootfs.flatten import flatten
 from oci2disk.sources.exttree import ExtTree
-from oci2disk.sources.image import DEFAULT_CONFIG, image_from_tree, platform_of
+from oci2disk.sources.image import (
+    image_from_tree,
+    layout_from_stream,
+    platform_of,
+    with_platform,
+)
 
 log = logging.getLogger("oci2disk.sources.iso")
 
@@ -174,28 +180,26 @@ def image_from_squashfs(
 ) -> OciImage:
     """A squashfs root (``sqfs2tar``'s tar) as a one-layer OCI image in ``workdir``.
 
-    Without ``platform`` the tar is first wrapped with a provisional config and
-    flattened (an index, no copy) to read the ELF header of /bin/sh.
+    The tar streams into the layout. Without ``platform`` the layout is first made for
+    the host's platform and flattened (an index, no copy) to read the ELF header of
+    /bin/sh; when that names another machine the config is rewritten beside it.
     """
-    tar = workdir / "rootfs.tar"
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        with tar.open("wb") as out:
-            argv = ["sqfs2tar", "--root-becomes", ".", "--no-skip", os.fspath(squashfs)]
-            proc = run.start(argv, stdout=out)
-            _, stderr = proc.communicate()
-            if proc.returncode != 0:
-                raise run.command_error(
-                    argv, proc.returncode, stderr, what=f"sqfs2tar could not read {where}"
-                )
-        if platform is None:
-            probe = layout_from_rootfs_tar(tar, workdir / "probe", None)
-            with flatten(probe, workdir / "probe-flat") as rootfs:
-                platform = platform_of(rootfs, None, where)
-            shutil.rmtree(workdir / "probe", ignore_errors=True)
-            shutil.rmtree(workdir / "probe-flat", ignore_errors=True)
-        return layout_from_rootfs_tar(
-            tar, workdir / "image", None, platform=platform, config=DEFAULT_CONFIG
-        )
-    finally:
-        tar.unlink(missing_ok=True)
+    argv = ["sqfs2tar", "--root-becomes", ".", "--no-skip", os.fspath(squashfs)]
+
+    def write_tar(out: BinaryIO) -> None:
+        proc = run.start(argv, stdout=out)
+        _, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise run.command_error(
+                argv, proc.returncode, stderr, what=f"sqfs2tar could not read {where}"
+            )
+
+    image = layout_from_stream(write_tar, workdir / "image", platform or host_platform())
+    if platform is not None:
+        return image
+    with flatten(image, workdir / "probe") as rootfs:
+        guessed = platform_of(rootfs, None, where)
+    shutil.rmtree(workdir / "probe", ignore_errors=True)
+    if guessed.matches(image.config.platform):
+        return image
+    return with_platform(image, guessed, workdir / f"image-{guessed.architecture}")
