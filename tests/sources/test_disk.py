@@ -193,3 +193,13 @@ def test_a_bare_xfs_like_file_and_an_empty_file(tmp_path: Path) -> None:
     empty.touch()
     with pytest.raises(ImageError, match="empty"):
         image_from_disk(empty, tmp_path / "w2")
+
+
+def test_a_truncated_raw_disk_is_refused_before_anything_is_written(
+    raw_disk: Path, tmp_path: Path
+) -> None:
+    cut = tmp_path / "cut.raw"
+    cut.write_bytes(raw_disk.read_bytes()[: 20 * MIB])
+    with pytest.raises(ImageError, match="the file is truncated"):
+        image_from_disk(cut, tmp_path / "work")
+    assert not (tmp_path / "work" / "rootfs").exists()

@@ -265,6 +265,13 @@ def image_from_disk(
         offset, number = choose_partition(raw, partition, name=str(disk))
         where = f"disk:{disk}" + (f":{number}" if number is not None else "")
         with ExtTree(raw, offset) as tree:
+            available = raw.stat().st_size - offset
+            if tree.size > available:
+                raise ImageError(
+                    f"{where}: the {tree.fs_type} filesystem spans {tree.size} bytes but the "
+                    f"disk has {available} from its start: the file is truncated",
+                    hint="copy or download the image again",
+                )
             return image_from_tree(tree, workdir / "rootfs", platform=platform, where=where)
     finally:
         if raw != disk:

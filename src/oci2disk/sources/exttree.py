@@ -49,6 +49,11 @@ class ExtTree:
         return self._fs.fs_type
 
     @property
+    def size(self) -> int:
+        """Bytes the filesystem spans (its block count times its block size)."""
+        return int(self._fs.size)
+
+    @property
     def label(self) -> str:
         return str(self._fs.label)
 
