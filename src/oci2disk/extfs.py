@@ -29,9 +29,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+from oci2disk.bytestreams import RunReader
 from oci2disk.errors import VerifyError
 from oci2disk.filetypes import kind_of
-from oci2disk.bytestreams import RunReader
 
 log = logging.getLogger("oci2disk.extfs")
 
