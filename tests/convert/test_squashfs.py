@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import branchshim  # noqa: F401  (before any oci2disk.convert module; see its docstring)
 from oci2disk.convert.squashfs import SquashfsCompressor, SquashfsSpec, write_squashfs
 from oci2disk.errors import CommandError, ConvertError
 from oci2disk.oci.layout import layout_from_rootfs_tar

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import branchshim  # noqa: F401  (before any oci2disk.convert module; see its docstring)
 from bootkit import boot_until, busybox_base, debian_kernel, qemu, script
 from layerkit import directory, file, make_image
 from oci2disk.convert.cpio import write_cgz
