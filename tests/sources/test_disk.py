@@ -42,7 +42,7 @@ def raw_disk(rich: tuple[OciImage, Path], tmp_path_factory: pytest.TempPathFacto
     return disk
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk", "vhdx", "vpc", "vdi"])
 def test_round_trip_equals_the_image_entry_by_entry(
     fmt: str, rich: tuple[OciImage, Path], raw_disk: Path, tmp_path: Path
 ) -> None:
