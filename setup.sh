@@ -16,6 +16,7 @@ PACKAGES=(
   zstd pigz xz-utils isal lz4 python3-venv python3-dev attr libcap2-bin
   qemu-user-static binfmt-support arch-test qemu-system-arm
   grub-common grub-pc-bin grub-efi-amd64-bin dosfstools ovmf qemu-efi-aarch64 systemd-boot-efi
+  squashfs-tools-ng xorriso busybox-static
 )
 # Test-only packages (./test.sh sets OCI2DISK_SETUP_TESTS=1): docker-compose runs the
 # tests' registry container (pytest-docker), and the ssh:// engine test starts its own

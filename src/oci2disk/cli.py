@@ -279,6 +279,8 @@ def convert_options(args: argparse.Namespace) -> tuple[Format, ConvertOptions]:
             initramfs=settings.initramfs_spec(values),
             tar=settings.tar_spec(values),
             kernel=settings.kernel_spec(values),
+            squashfs=settings.squashfs_spec(values),
+            iso=settings.iso_spec(values),
             jobs=_jobs(args.jobs),
         )
     except settings.Problem as exc:

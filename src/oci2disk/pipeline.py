@@ -20,13 +20,13 @@ from oci2disk.boot import boot_artifact as boot_artifact
 from oci2disk.convert import Format
 from oci2disk.errors import ConvertError
 from oci2disk.oci.layout import OciImage, Platform
-from oci2disk.oci.source import open_image
 from oci2disk.oci.transports import check_platform
 from oci2disk.progress import SILENT, Progress
 from oci2disk.recipe import Recipe
 from oci2disk.refs import parse_ref
 from oci2disk.rootfs.flat import FlatRootfs
 from oci2disk.rootfs.flatten import flatten
+from oci2disk.sources import open_image
 from oci2disk.verify import VerifyReport
 from oci2disk.verify import verify_artifact as verify_artifact
 from oci2disk.workspace import Workspace

@@ -22,7 +22,9 @@ from oci2disk.convert.options import (
     FstabMode,
     FsType,
     InitramfsSpec,
+    IsoSpec,
     KernelSpec,
+    SquashfsSpec,
     Table,
     TarSpec,
 )
@@ -69,6 +71,8 @@ class Recipe:
     initramfs: InitramfsSpec = field(default_factory=InitramfsSpec)
     tar: TarSpec = field(default_factory=TarSpec)
     kernel: KernelSpec = field(default_factory=KernelSpec)
+    squashfs: SquashfsSpec = field(default_factory=SquashfsSpec)
+    iso: IsoSpec = field(default_factory=IsoSpec)
 
 
 def load(recipe_dir: Path) -> Recipe:
@@ -100,6 +104,8 @@ def load(recipe_dir: Path) -> Recipe:
             initramfs=settings.initramfs_spec(values),
             tar=settings.tar_spec(values),
             kernel=settings.kernel_spec(values),
+            squashfs=settings.squashfs_spec(values),
+            iso=settings.iso_spec(values),
         )
     except settings.Problem as exc:
         value = values.get(exc.key)

@@ -2,8 +2,9 @@
 
 ``docker-daemon:NAME[:TAG]``, ``oci:DIR[:TAG]``, ``docker-archive:FILE``,
 ``oci-archive:FILE``, ``containers-storage:NAME[:TAG]`` (buildah/podman storage),
-``docker://REGISTRY/NAME[:TAG|@DIGEST]`` and ``rootfs:FILE[:CONFIG]`` (an already flat
-rootfs tarball, with an optional image config JSON file).
+``docker://REGISTRY/NAME[:TAG|@DIGEST]``, ``rootfs:FILE[:CONFIG]`` (an already flat
+rootfs tarball, with an optional image config JSON file), ``disk:FILE[:PARTITION]`` (a
+disk image; the partition is split off when the source is opened) and ``iso:FILE``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ class Transport(enum.Enum):
     CONTAINERS_STORAGE = "containers-storage"
     DOCKER = "docker"  # a registry: docker://REGISTRY/NAME:TAG
     ROOTFS = "rootfs"
+    DISK = "disk"  # disk:FILE[:PARTITION], an existing disk image (sources/disk.py)
+    ISO = "iso"  # iso:FILE, a live ISO (sources/iso.py)
 
 
 TRANSPORT_HELP = (
     "docker-daemon:NAME[:TAG], oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE, "
-    "containers-storage:NAME[:TAG], docker://REGISTRY/NAME[:TAG], rootfs:FILE[:CONFIG.json]"
+    "containers-storage:NAME[:TAG], docker://REGISTRY/NAME[:TAG], rootfs:FILE[:CONFIG.json], "
+    "disk:FILE[:PARTITION], iso:FILE"
 )
 
 

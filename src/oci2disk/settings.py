@@ -24,15 +24,19 @@ from oci2disk.convert.formats import Format
 from oci2disk.convert.options import (
     ARCHIVE_COMPRESSIONS,
     QCOW2_COMPRESSIONS,
+    VOLUME_ID_MAX,
     DiskSpec,
     FstabMode,
     FsType,
     InitramfsSpec,
+    IsoSpec,
     KernelSpec,
+    SquashfsCompressor,
+    SquashfsSpec,
     Table,
     TarSpec,
 )
-from oci2disk.errors import UsageError
+from oci2disk.errors import ConvertError, UsageError
 
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
@@ -169,6 +173,20 @@ def limit_size(value: Any) -> int | None:
         result = None
     if result is None:
         raise Invalid('a size like "128G" (the largest disk the target machine can address)')
+    return result
+
+
+def block_size(value: Any) -> int:
+    result = size(value)
+    if result is None or not 4096 <= result <= 1 << 20 or result & (result - 1):
+        raise Invalid('a power of two from "4K" to "1M", like "128K"')
+    return result
+
+
+def volume_id(value: Any) -> str:
+    result = text(value)
+    if not 1 <= len(result) <= VOLUME_ID_MAX:
+        raise Invalid(f"1 to {VOLUME_ID_MAX} characters")
     return result
 
 
@@ -378,6 +396,24 @@ SETTINGS: tuple[Setting[Any], ...] = (
         "kernel: this version instead of the newest",
     ),
     Setting(
+        "squashfs.compressor",
+        "--squashfs-compressor",
+        choice(SquashfsCompressor),
+        SquashfsCompressor.ZSTD,
+        "squashfs compressor (the kernel must read it; zstd: Linux >= 4.14)",
+        choices=_names(SquashfsCompressor),
+    ),
+    Setting(
+        "squashfs.block_size",
+        "--squashfs-block-size",
+        block_size,
+        1 << 17,
+        "squashfs block size: a power of two from 4K to 1M (default 128K)",
+    ),
+    Setting("squashfs.xattrs", None, boolean, True, "keep xattrs in the squashfs image"),
+    Setting("iso.append", "--iso-append", text, "", "iso: extra kernel command line"),
+    Setting("iso.volume_id", "--iso-volume-id", volume_id, "OCI2DISK", "iso: volume id"),
+    Setting(
         "kernel.vmlinux",
         "--vmlinux",
         boolean,
@@ -470,6 +506,21 @@ def tar_spec(values: Values) -> TarSpec:
 
 def kernel_spec(values: Values) -> KernelSpec:
     return KernelSpec(get(values, "kernel.version"), get(values, "kernel.vmlinux"))
+
+
+def squashfs_spec(values: Values) -> SquashfsSpec:
+    try:
+        return SquashfsSpec(
+            get(values, "squashfs.compressor"),
+            get(values, "squashfs.block_size"),
+            get(values, "squashfs.xattrs"),
+        )
+    except ConvertError as exc:
+        raise Problem("squashfs.block_size", exc.hint or exc.message) from None
+
+
+def iso_spec(values: Values) -> IsoSpec:
+    return IsoSpec(append=get(values, "iso.append"), volume_id=get(values, "iso.volume_id"))
 
 
 # ------------------------------------------------------------------ the environment

@@ -27,12 +27,12 @@ from oci2disk.compression import open_decompressed
 from oci2disk.diskimage import extfs, qemuimg
 from oci2disk.errors import VerifyError
 from oci2disk.oci.layout import Platform
-from oci2disk.oci.source import open_image
 from oci2disk.progress import SILENT, Progress
 from oci2disk.refs import parse_ref
 from oci2disk.rootfs import Entry, Kind, Tree, normalize_path, with_digests
 from oci2disk.rootfs.archives import CpioTree, TarTree
 from oci2disk.rootfs.directory import DirectoryTree
+from oci2disk.sources import open_image
 from oci2disk.workspace import Workspace
 
 # Longest xattr value shown in a Difference; longer ones are cut and marked.

@@ -17,7 +17,9 @@ from oci2disk.convert.options import InitramfsSpec, TarSpec
 from oci2disk.errors import ToolMissingError, UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
-USER_NAMES = ["raw", "qcow2", "vmdk", "vhdx", "vpc", "vhd", "vdi", "fs", "tar", "cgz", "dir"]
+USER_NAMES = [
+    "raw", "qcow2", "vmdk", "vhdx", "vpc", "vhd", "vdi", "fs", "tar", "cgz", "dir", "squashfs", "iso"
+]  # fmt: skip
 
 
 def test_every_user_visible_name_is_registered() -> None:

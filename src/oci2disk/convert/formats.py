@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from oci2disk.convert import cpio, directory, disk, kernel, qemu, tar
+from oci2disk.convert import cpio, directory, disk, iso, kernel, qemu, squashfs, tar
 from oci2disk.convert.plugin import OutputFormat
 from oci2disk.errors import UsageError
 
@@ -29,6 +29,8 @@ class Format(enum.Enum):
     CGZ = cpio.CGZ
     DIR = directory.DIR
     KERNEL = kernel.KERNEL
+    SQUASHFS = squashfs.SQUASHFS
+    ISO = iso.ISO
 
     @property
     def plugin(self) -> OutputFormat:
