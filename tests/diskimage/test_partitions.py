@@ -120,20 +120,30 @@ def test_root_type_without_a_known_arch() -> None:
     assert root_partition([bios, Partition(3, 0, MIB, "0x0c", MBR)]) is None
 
 
-def test_tables_are_the_bytes_sfdisk_writes_from_a_script(tmp_path: Path) -> None:
-    """The same disks as before the table had its own module (a generic root type)."""
-    ours = blank(tmp_path / "ours.raw")
-    write_table(ours, gpt_table(None))
-    theirs = blank(tmp_path / "theirs.raw")
-    script = (
+OLD_SCRIPTS = {
+    GPT: (
         f"label: gpt\nlabel-id: {DISK_GUID}\n"
         f'start=2048, size=2048, type={GPT_BIOS_BOOT.upper()}, uuid={BIOS_GUID}, name="bios"\n'
         f"start=4096, size=24576, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, "
         f'uuid={ROOT_GUID}, name="root"\n'
-    )
+    ),
+    MBR: (
+        "label: dos\nlabel-id: 0x1a2b3c4d\n"
+        "start=2048, size=2048, type=da\n"
+        "start=4096, size=28672, type=83, bootable\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("label", [GPT, MBR])
+def test_tables_are_the_bytes_sfdisk_writes_from_a_script(tmp_path: Path, label: str) -> None:
+    """The same disks as before the table had its own module (a generic root type)."""
+    ours = blank(tmp_path / "ours.raw")
+    write_table(ours, gpt_table(None) if label == GPT else mbr_table())
+    theirs = blank(tmp_path / "theirs.raw")
     run.run(
         ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "--wipe=always", str(theirs)],
-        input=script.encode(),
+        input=OLD_SCRIPTS[label].encode(),
     )
     assert ours.read_bytes() == theirs.read_bytes()
 
