@@ -14,22 +14,33 @@ from oci2disk.oci.layout import OciImage, Platform
 from oci2disk.oci.transports import check_platform
 from oci2disk.refs import ImageRef, Transport
 
-__all__ = ["open_image"]
+__all__ = ["READERS", "open_image"]
+
+
+def from_disk(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
+    from oci2disk.sources.disk import image_from_disk, parse_disk_ref
+
+    disk, partition = parse_disk_ref(ref.name)
+    return image_from_disk(disk, workdir / "source", partition=partition, platform=platform)
+
+
+def from_iso(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
+    from oci2disk.sources.iso import image_from_iso
+
+    return image_from_iso(ref.path, workdir / "source", platform=platform)
+
+
+# Every transport's reader: the image transports' (oci.source) and the two of this layer.
+READERS: dict[Transport, oci_source.Reader] = {
+    **oci_source.READERS,
+    Transport.DISK: from_disk,
+    Transport.ISO: from_iso,
+}
 
 
 def open_image(ref: ImageRef, workdir: Path, platform: Platform | None = None) -> OciImage:
     """Any reference as an OCI image: an image transport (``oci:``, ``docker-daemon:``...),
     an existing disk (``disk:``) or a live ISO (``iso:``). With ``platform``, an image for
     another platform is an error."""
-    if ref.transport is Transport.DISK:
-        from oci2disk.sources.disk import image_from_disk, parse_disk_ref
-
-        disk, partition = parse_disk_ref(ref.name)
-        image = image_from_disk(disk, workdir / "source", partition=partition, platform=platform)
-    elif ref.transport is Transport.ISO:
-        from oci2disk.sources.iso import image_from_iso
-
-        image = image_from_iso(ref.path, workdir / "source", platform=platform)
-    else:
-        return oci_source.open_image(ref, workdir, platform)
+    image = READERS[ref.transport](ref, workdir, platform)
     return check_platform(image, platform, str(ref))
