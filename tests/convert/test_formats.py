@@ -18,7 +18,8 @@ from oci2disk.errors import ToolMissingError, UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
 USER_NAMES = [
-    "raw", "qcow2", "vmdk", "vhdx", "vpc", "vhd", "vdi", "fs", "tar", "cgz", "dir", "squashfs", "iso"
+    "raw", "qcow2", "vmdk", "vhdx", "vpc", "vhd", "vdi", "fs", "tar", "cgz", "dir",
+    "squashfs", "iso",
 ]  # fmt: skip
 
 
