@@ -44,10 +44,10 @@ class Sample:
 def worker(formats: str, source: str, out: Path, jobs: int | None) -> None:
     """One run: open, flatten once, convert to every format in ``formats``."""
     from oci2disk.convert import ConvertOptions, convert, default_outputs
-    from oci2disk.rootfs.flatten import flatten
     from oci2disk.oci.source import open_image
     from oci2disk.recipe import Format, InitramfsSpec
     from oci2disk.refs import parse_ref
+    from oci2disk.rootfs.flatten import flatten
     from oci2disk.workspace import Workspace
 
     wanted = tuple(Format.parse(f) for f in formats.split(","))
