@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from clikit import oci2disk
 from layerkit import directory, file, make_image
 from oci2disk.diskimage.extfs import open_filesystem
 from oci2disk.errors import UsageError
@@ -120,3 +122,31 @@ def test_the_layer_umoci_writes_is_a_complete_tar(outdir: Path) -> None:
     )
     assert listing.returncode == 0, listing.stderr
     assert "opt/one" in listing.stdout
+
+
+def test_convert_add_flag_as_nobody(outdir: Path) -> None:
+    """`oci2disk convert --add` from the command line, unprivileged: the tar holds the
+    added tree with the owners asked for, and the base layout is left as it was."""
+    base = outdir / "base"
+    make_image(base, [[directory("etc"), directory("opt")]], tag="base")
+    bench = outdir / "bench"
+    bench.mkdir()
+    (bench / "run.sh").write_text("#!/bin/sh\necho benchmark\n")
+    for path in [base, *base.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for path in [bench, *bench.rglob("*")]:
+        os.lchown(path, NOBODY, NOBODY)
+    before = sorted(p.name for p in (base / "blobs" / "sha256").iterdir())
+    out = outdir / "rootfs.tar"
+    result = oci2disk(
+        "-q", "convert", f"oci:{base}:base", "--add", f"{bench}:/opt/bench:1000:1001",
+        "-f", "tar", "-o", str(out), user=NOBODY,
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    with tarfile.open(out) as tar:
+        owners = {m.name.removeprefix("./"): (m.uid, m.gid) for m in tar}
+    assert owners["opt/bench"] == (1000, 1001)
+    assert owners["opt/bench/run.sh"] == (1000, 1001)
+    assert sorted(p.name for p in (base / "blobs" / "sha256").iterdir()) == before
+    bad = oci2disk("convert", f"oci:{base}:base", "--add", "nocolon", "-f", "tar", "-o", "x")
+    assert bad.code == 2 and "SRC:DEST" in bad.stderr

@@ -251,3 +251,27 @@ def test_push_uses_the_docker_login(
         capture_output=True, check=True,
     )  # fmt: skip
     assert json.loads(listed.stdout)["artifactType"] == ARTIFACT_TYPE
+
+
+def test_build_push_flag_pushes_and_resumes(
+    base_image: str, registry: Registry, outdir: Path, pulled: list[str]
+) -> None:
+    """`oci2disk build --push REF`: both shapes pushed, listed in --json; a second
+    push of the same outputs sends no blob again."""
+    recipe = outdir / "recipe"
+    recipe.mkdir()
+    (recipe / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo flag > /etc/pushed\n")
+    (recipe / "recipe.toml").write_text('[outputs]\nformats = ["qcow2"]\n')
+    dest = registry.name("disks/flag:v1")
+    pulled.append(dest)
+    runs = []
+    for _ in range(2):
+        result = oci2disk("--json", "build", str(recipe), "-o", str(outdir / "out"), "--push", dest)
+        assert result.code == 0, result.stderr
+        runs.append(json.loads(result.stdout)["pushed"])
+    first, second = runs
+    assert [p["shape"] for p in first] == ["containerdisk", "artifact"]
+    assert first[0]["ref"].endswith("disks/flag:v1") and first[0]["sent"]
+    assert first[1]["ref"].endswith("disks/flag:v1-artifact")
+    # reproducible outputs: the second push finds every blob in the registry already
+    assert second[0]["sent"] == [] and second[0]["digest"] == first[0]["digest"]

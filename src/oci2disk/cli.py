@@ -10,16 +10,20 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oci2disk import __version__, build, manifest, settings
 from oci2disk.convert import ConvertOptions, Format
 from oci2disk.errors import Oci2DiskError, UsageError
 from oci2disk.progress import SILENT, Progress, stderr_progress
 from oci2disk.settings import CliKind, Setting
+
+if TYPE_CHECKING:
+    from oci2disk.oci.add import Addition
 
 # The settings each command takes as flags (the rest of the table is recipe-only).
 BUILD_SETTINGS = ("outputs.formats", "build.platform", "build.args")
@@ -133,13 +137,15 @@ def parser() -> argparse.ArgumentParser:
     add_setting(b, "build.platform")
     add_setting(b, "build.args")
     b.add_argument("--jobs", type=int, help="outputs written at once (default: one per core)")
+    _image_flags(b)
 
     c = sub.add_parser("convert", help="convert an existing image")
     c.add_argument(
         "source",
         metavar="SOURCE",
         help="docker-daemon:NAME[:TAG], oci:DIR[:TAG], docker-archive:FILE, oci-archive:FILE, "
-        "containers-storage:NAME[:TAG], docker://REGISTRY/NAME[:TAG], rootfs:FILE[:CONFIG]",
+        "containers-storage:NAME[:TAG], docker://REGISTRY/NAME[:TAG], rootfs:FILE[:CONFIG], "
+        "disk:FILE[:PARTITION], iso:FILE",
     )
     add_setting(
         c, "outputs.formats", "-f", required=True, help="the output format: " + Format.names()
@@ -155,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
             add_setting(archive, key)
     add_setting(c, "build.platform", help="OS/ARCH for multi-platform images")
     c.add_argument("--jobs", type=int, help="converters run at once (default: one per core)")
+    _image_flags(c)
 
     s = sub.add_parser("bootstrap", help="make a Debian base image from a mirror (mmdebstrap)")
     s.add_argument("suite", metavar="SUITE", help="bookworm, trixie, ...")
@@ -189,6 +196,51 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _addition(text: str) -> Addition:
+    from oci2disk.oci.add import Addition
+
+    try:
+        return Addition.parse(text)
+    except Oci2DiskError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _image_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--add",
+        type=_addition,
+        action="append",
+        default=[],
+        metavar="SRC:DEST[:UID:GID]",
+        help="add a host file or directory to the image as a new layer (repeatable)",
+    )
+    p.add_argument(
+        "--push",
+        metavar="REF",
+        help="push the disk as a KubeVirt containerDisk to REF and every output as an OCI "
+        "artifact to REF's tag + '-artifact' (credentials: the docker config)",
+    )
+
+
+def _push(args: argparse.Namespace, manifest_path: Path, progress: Progress) -> list[Any]:
+    """``--push``: after the outputs are complete, send them to the registry."""
+    if not args.push:
+        return []
+    from oci2disk.publish import push_outputs
+
+    with (
+        progress.step(f"pushing to {args.push}"),
+        tempfile.TemporaryDirectory(prefix=".oci2disk-push-", dir=manifest_path.parent) as work,
+    ):
+        pushed = push_outputs(manifest_path, args.push, Path(work))
+    for item in pushed:
+        progress.message(
+            f"pushed {item.shape.value} {item.ref}@{item.digest} "
+            f"({len(item.sent)} blob(s) sent, {len(item.reused)} already there)"
+        )
+    return [item.to_json() for item in pushed]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -216,9 +268,17 @@ def _print_error(exc: Oci2DiskError, debug: bool) -> None:
     print(f"error: {exc}", file=sys.stderr)
 
 
-def _emit(args: argparse.Namespace, made: manifest.RunManifest, progress: Progress) -> None:
+def _emit(
+    args: argparse.Namespace,
+    made: manifest.RunManifest,
+    progress: Progress,
+    pushed: list[Any] | None = None,
+) -> None:
     if args.json:
-        print(json.dumps(manifest.to_json(made), indent=2, sort_keys=True))
+        data = manifest.to_json(made)
+        if pushed:
+            data["pushed"] = pushed
+        print(json.dumps(data, indent=2, sort_keys=True))
         return
     for artifact in made.artifacts:
         progress.message(f"{artifact.format:>6}  {artifact.path}  ({artifact.size} bytes)")
@@ -249,9 +309,11 @@ def cmd_build(args: argparse.Namespace, progress: Progress) -> int:
         on_build_line=show,
         jobs=_jobs(args.jobs),
         source_date_epoch=settings.source_date_epoch(),
+        additions=args.add,
     )
     _warn(result.manifest)
-    _emit(args, result.manifest, progress)
+    pushed = _push(args, result.manifest_path, progress)
+    _emit(args, result.manifest, progress, pushed)
     progress.message(f"manifest: {result.manifest_path}")
     return 0
 
@@ -307,10 +369,17 @@ def cmd_convert(args: argparse.Namespace, progress: Progress) -> int:
     fmt, options = convert_options(args)
     platform = Platform.parse(args.build__platform) if args.build__platform else None
     result = convert_ref(
-        args.source, fmt, args.output, options, platform=platform, progress=progress
+        args.source,
+        fmt,
+        args.output,
+        options,
+        platform=platform,
+        progress=progress,
+        additions=args.add,
     )
     _warn(result.manifest)
-    _emit(args, result.manifest, progress)
+    pushed = _push(args, result.manifest_path, progress)
+    _emit(args, result.manifest, progress, pushed)
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +19,7 @@ from oci2disk import convert as conv
 from oci2disk.boot import boot_artifact as boot_artifact
 from oci2disk.convert import Format
 from oci2disk.errors import ConvertError
+from oci2disk.oci.add import Addition
 from oci2disk.oci.layout import OciImage, Platform
 from oci2disk.oci.transports import check_platform
 from oci2disk.progress import SILENT, Progress
@@ -95,6 +96,7 @@ def convert_ref(
     *,
     platform: Platform | None = None,
     progress: Progress = SILENT,
+    additions: Sequence[Addition] = (),
 ) -> RunResult:
     """``oci2disk convert``: an existing image to one artifact plus its manifest.
 
@@ -109,6 +111,7 @@ def convert_ref(
     with Workspace() as ws:
         with progress.step(f"opening {ref}"):
             image = open_image(ref, ws.path, platform)
+        image = with_additions(image, additions, ws, progress)
         result = convert_image(image, {fmt: output}, options, ws, progress)
     made = manifest.from_run(source=str(ref), image=image, result=result, options=options)
     path = manifest.write(manifest.manifest_path(output.parent, output.name), made)
@@ -127,6 +130,7 @@ def build_recipe(
     on_build_line: Callable[[str], None] | None = None,
     jobs: int | None = None,
     source_date_epoch: int | None = None,
+    additions: Sequence[Addition] = (),
 ) -> RunResult:
     """``oci2disk build``: build the recipe's image, then write every output it names.
 
@@ -148,6 +152,7 @@ def build_recipe(
     options = replace(conv.ConvertOptions.from_recipe(rcp, source_date_epoch), jobs=jobs)
     with Workspace() as ws:
         image, source = build_image(rcp, builder, ws, progress, on_build_line)
+        image = with_additions(image, additions, ws, progress)
         outputs = conv.default_outputs(outdir, rcp.outputs.name, wanted, options)
         result = convert_image(image, outputs, options, ws, progress)
     made = manifest.from_run(
@@ -179,6 +184,18 @@ def build_image(
         image = chosen.export(tag, image_id, ws.path / "image")
     source = chosen.source(tag)
     return check_platform(image, platform, source), source
+
+
+def with_additions(
+    image: OciImage, additions: Sequence[Addition], ws: Workspace, progress: Progress
+) -> OciImage:
+    """``--add``: host files as extra layers on a copy of the image (umoci insert)."""
+    if not additions:
+        return image
+    from oci2disk.oci.add import add_files
+
+    with progress.step(f"adding {len(additions)} path(s) to the image as new layers"):
+        return add_files(image, additions, ws.subdir("added"))
 
 
 def _tag_name(name: str) -> str:
