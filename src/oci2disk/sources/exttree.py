@@ -19,6 +19,8 @@ from oci2disk.diskimage.partitions import Partition, read_partitions
 from oci2disk.errors import ImageError, Oci2DiskError, VerifyError
 from oci2disk.rootfs.model import Entry, Kind, normalize_path
 
+LOST_FOUND = "lost+found"
+
 __all__ = ["EXT_MAGIC", "SUPERBLOCK_OFFSET", "ExtTree", "Partition", "find_partitions"]
 
 
@@ -64,18 +66,31 @@ class ExtTree:
         self.close()
 
     def entries(self) -> Iterator[Entry]:
+        hidden = self._bookkeeping()
         try:
             for entry in self._fs.entries():
-                yield _plain(entry)
+                if entry.path not in hidden:
+                    yield _plain(entry)
         except VerifyError as exc:
             raise ImageError(exc.message, hint=exc.hint) from None
 
     def lookup(self, path: str) -> Entry | None:
+        path = normalize_path(path)
+        if path in self._bookkeeping():
+            return None
         try:
-            found = self._fs.lookup(normalize_path(path))
+            found = self._fs.lookup(path)
         except VerifyError as exc:
             raise ImageError(exc.message, hint=exc.hint) from None
         return None if found is None else _plain(found)
+
+    def _bookkeeping(self) -> frozenset[str]:
+        """The filesystem's own empty /lost+found (mke2fs makes it; every ext output gets
+        a new one): not part of the rootfs. One that e2fsck filled is kept."""
+        found = self._fs.lookup(LOST_FOUND)
+        if found is not None and found.kind is Kind.DIR and not self._fs.children(LOST_FOUND):
+            return frozenset({LOST_FOUND})
+        return frozenset()
 
     def open(self, path: str) -> BinaryIO:
         try:
