@@ -90,7 +90,10 @@ def test_the_tree_digest_names_the_content(tmp_path: Path) -> None:
 def test_a_second_run_replaces_the_directory_whole(tmp_path: Path) -> None:
     target = tmp_path / "nfsroot"
     convert_to(image_of(tmp_path / "one", [*SAMPLE, file("old-only", b"1")]), {Format.DIR: target})
-    convert_to(image_of(tmp_path / "two", SAMPLE), {Format.DIR: target})
+    second = image_of(tmp_path / "two", SAMPLE)
+    with pytest.raises(ConvertError, match="not empty"):
+        convert_to(second, {Format.DIR: target})  # replacing deletes: only when asked
+    convert_to(second, {Format.DIR: target}, ConvertOptions(replace=True))
     assert not (target / "old-only").exists()
     assert (target / "etc/passwd").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nfsroot", "one", "two"]

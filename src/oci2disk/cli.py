@@ -137,6 +137,11 @@ def parser() -> argparse.ArgumentParser:
     add_setting(b, "build.platform")
     add_setting(b, "build.args")
     b.add_argument("--jobs", type=int, help="outputs written at once (default: one per core)")
+    b.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty directory output that oci2disk made before",
+    )
     _image_flags(b)
 
     c = sub.add_parser("convert", help="convert an existing image")
@@ -161,6 +166,11 @@ def parser() -> argparse.ArgumentParser:
             add_setting(archive, key)
     add_setting(c, "build.platform", help="OS/ARCH for multi-platform images")
     c.add_argument("--jobs", type=int, help="converters run at once (default: one per core)")
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty directory output that oci2disk made before",
+    )
     _image_flags(c)
 
     s = sub.add_parser("bootstrap", help="make a Debian base image from a mirror (mmdebstrap)")
@@ -308,6 +318,7 @@ def cmd_build(args: argparse.Namespace, progress: Progress) -> int:
         progress=progress,
         on_build_line=show,
         jobs=_jobs(args.jobs),
+        force=args.force,
         source_date_epoch=settings.source_date_epoch(),
         additions=args.add,
     )
@@ -344,6 +355,7 @@ def convert_options(args: argparse.Namespace) -> tuple[Format, ConvertOptions]:
             squashfs=settings.squashfs_spec(values),
             iso=settings.iso_spec(values),
             jobs=_jobs(args.jobs),
+            replace=args.force,
         )
     except settings.Problem as exc:
         raise _problem(exc) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +30,12 @@ from oci2disk.rootfs.flatten import flatten
 from oci2disk.sources import open_image
 from oci2disk.verify import VerifyReport
 from oci2disk.verify import verify_artifact as verify_artifact
-from oci2disk.workspace import Workspace
+from oci2disk.workspace import (
+    Workspace,
+    check_directory_target,
+    check_file_target,
+    sweep_leftovers,
+)
 
 log = logging.getLogger("oci2disk")
 
@@ -74,10 +79,32 @@ def convert_image(
     progress: Progress,
 ) -> conv.ConvertResult:
     """Flatten ``image`` once and write every output from it."""
-    for path in outputs.values():
-        _check_output_dir(path)
+    check_outputs(outputs, options)
     with flattened(image, ws, progress, options.source_date_epoch) as rootfs:
         return conv.convert(image, rootfs, outputs, options, ws, progress)
+
+
+def check_outputs(outputs: Mapping[Format, Path], options: conv.ConvertOptions) -> None:
+    """Refuse outputs that would destroy what is there; remove a killed run's leftovers."""
+    for fmt, path in outputs.items():
+        _check_output_dir(path)
+        if fmt.plugin.directory:
+            check_directory_target(path, replace=options.replace and _made_here(path))
+        elif fmt is not Format.KERNEL:  # the kernel's -o may name a directory
+            check_file_target(path)
+    for folder in {path.parent for path in outputs.values()}:
+        sweep_leftovers(folder)
+
+
+def _made_here(path: Path) -> bool:
+    """Whether a run of oci2disk made the directory ``path`` (a manifest beside it lists it)."""
+    if not path.is_dir() or not any(path.iterdir()) or manifest.find_for_artifact(path):
+        return True
+    raise ConvertError(
+        f"{path} is a directory that oci2disk did not make (no manifest beside it lists "
+        "it): --force replaces only the directories oci2disk wrote",
+        hint="choose a new path, or empty the directory yourself",
+    )
 
 
 def _check_output_dir(path: Path) -> None:
@@ -106,7 +133,7 @@ def convert_ref(
         options = replace(options, source_date_epoch=settings.source_date_epoch())
     ref = parse_ref(source)
     output = output.absolute()
-    _check_output_dir(output)
+    check_outputs({fmt: output}, options)
     conv.preflight([fmt])
     with Workspace() as ws:
         with progress.step(f"opening {ref}"):
@@ -131,6 +158,7 @@ def build_recipe(
     jobs: int | None = None,
     source_date_epoch: int | None = None,
     additions: Sequence[Addition] = (),
+    force: bool = False,
 ) -> RunResult:
     """``oci2disk build``: build the recipe's image, then write every output it names.
 
@@ -149,7 +177,9 @@ def build_recipe(
     outdir.mkdir(parents=True, exist_ok=True)
     wanted = formats or rcp.outputs.formats
     conv.preflight(wanted)
-    options = replace(conv.ConvertOptions.from_recipe(rcp, source_date_epoch), jobs=jobs)
+    options = replace(
+        conv.ConvertOptions.from_recipe(rcp, source_date_epoch), jobs=jobs, replace=force
+    )
     with Workspace() as ws:
         image, source = build_image(rcp, builder, ws, progress, on_build_line)
         image = with_additions(image, additions, ws, progress)

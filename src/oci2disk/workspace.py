@@ -1,19 +1,39 @@
-"""A workspace owns the temporary paths of one run and removes them even on failure."""
+"""A workspace owns the temporary paths of one run and removes them even on failure.
+
+Temporary names carry the process id of the run that made them (``oci2disk-PID-*``,
+``.NAME.PID.*.part``), so that the leftovers of a run killed with SIGKILL, which could
+not clean up, can be told from those of a run still going and removed by the next run
+(:func:`sweep_leftovers`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
+log = logging.getLogger("oci2disk")
+
+WORKSPACE_PREFIX = "oci2disk-"
+# A workspace, or a hidden temporary output beside its target (".disk.raw.PID.x1y2.part").
+_WORKSPACE = re.compile(rf"^{WORKSPACE_PREFIX}(\d+)-[^./]+$")
+_PART = re.compile(r"^\..+\.(\d+)\.[^./]+\.(part|old)$")
+
+
+def temp_base() -> Path:
+    """Where workspaces go: $OCI2DISK_TMPDIR, else the system's temporary directory."""
+    return Path(os.environ.get("OCI2DISK_TMPDIR") or tempfile.gettempdir())
+
 
 class Workspace:
-    def __init__(self, prefix: str = "oci2disk-") -> None:
-        base = os.environ.get("OCI2DISK_TMPDIR") or None
-        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    def __init__(self, prefix: str = WORKSPACE_PREFIX) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=temp_base()))
 
     def subdir(self, name: str) -> Path:
         path = self.path / name
@@ -44,15 +64,9 @@ class AtomicOutput:
 
     def __init__(self, target: Path) -> None:
         self.target = Path(target)
-        if not self.target.parent.is_dir():
-            from oci2disk.errors import ConvertError
-
-            raise ConvertError(
-                f"output directory {self.target.parent} does not exist",
-                hint=f"create it first (mkdir -p {self.target.parent}) or choose another -o",
-            )
+        check_file_target(self.target)
         fd, name = tempfile.mkstemp(
-            dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".part"
+            dir=self.target.parent, prefix=_temp_prefix(self.target), suffix=".part"
         )
         os.close(fd)
         self.tmp = Path(name)
@@ -72,28 +86,19 @@ class AtomicOutput:
 class AtomicDirectory:
     """A directory written under a temporary name beside ``target`` and renamed on commit.
 
-    An existing ``target`` directory is replaced as a whole on commit. If the run fails
-    before ``commit()``, the temporary directory is removed.
+    An existing empty ``target`` directory is replaced on commit; a non-empty one only
+    with ``replace`` (the caller has made sure that oci2disk made it: replacing would
+    delete whatever else the directory held). If the run fails before ``commit()``, the
+    temporary directory is removed.
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, *, replace: bool = False) -> None:
         self.target = Path(target)
-        if not self.target.parent.is_dir():
-            from oci2disk.errors import ConvertError
-
-            raise ConvertError(
-                f"output directory {self.target.parent} does not exist",
-                hint=f"create it first (mkdir -p {self.target.parent}) or choose another -o",
-            )
-        if self.target.exists() and not self.target.is_dir():
-            from oci2disk.errors import ConvertError
-
-            raise ConvertError(
-                f"{self.target} exists and is not a directory",
-                hint="remove it or choose another output path",
-            )
+        check_directory_target(self.target, replace=replace)
         self.tmp = Path(
-            tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".part")
+            tempfile.mkdtemp(
+                dir=self.target.parent, prefix=_temp_prefix(self.target), suffix=".part"
+            )
         )
         self.committed = False
 
@@ -102,7 +107,7 @@ class AtomicDirectory:
         if self.target.is_dir() and not self.target.is_symlink():
             old = Path(
                 tempfile.mkdtemp(
-                    dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".old"
+                    dir=self.target.parent, prefix=_temp_prefix(self.target), suffix=".old"
                 )
             )
             os.replace(self.target, old / "tree")
@@ -115,6 +120,127 @@ class AtomicDirectory:
     def discard(self) -> None:
         if not self.committed:
             _remove_tree(self.tmp)
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+def _output_error(message: str, hint: str) -> Exception:
+    from oci2disk.errors import ConvertError
+
+    return ConvertError(message, hint=hint)
+
+
+def _check_parent(target: Path) -> os.stat_result | None:
+    """The target's lstat (None when it does not exist), once its directory is usable."""
+    parent = target.parent
+    if not parent.is_dir():
+        raise _output_error(
+            f"output directory {parent} does not exist",
+            f"create it first (mkdir -p {parent}) or choose another output path",
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _output_error(
+            f"cannot write into the output directory {parent} (permission denied)",
+            "choose an output path in a directory you may write to",
+        )
+    try:
+        return target.lstat()
+    except FileNotFoundError:
+        return None
+
+
+def check_file_target(target: Path) -> None:
+    """Refuse to put a file where a directory or a device is: a file output replaces
+    only a regular file (or a symlink, itself, never what it points to)."""
+    st = _check_parent(target)
+    if st is None or stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISLNK(st.st_mode):
+        if target.is_dir():
+            raise _output_error(
+                f"{target} is a symlink to a directory, not a file",
+                "give the output file's own path, e.g. -o DIR/disk.raw",
+            )
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise _output_error(
+            f"{target} is a directory; this output is a file",
+            "give the output file's path, e.g. -o DIR/disk.raw",
+        )
+    raise _output_error(
+        f"{target} is not a regular file (a device node, a fifo or a socket): "
+        "oci2disk writes only files and directories it creates",
+        "choose a file path; to write a disk onto a device, copy the raw file with dd",
+    )
+
+
+def check_directory_target(target: Path, *, replace: bool) -> None:
+    """Refuse to replace anything but an empty directory, or a non-empty one when asked."""
+    st = _check_parent(target)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise _output_error(
+            f"{target} exists and is {kind}",
+            "remove it or choose another output path",
+        )
+    if replace:
+        return
+    try:
+        empty = next(os.scandir(target), None) is None
+    except OSError as exc:
+        raise _output_error(
+            f"cannot read {target}: {exc.strerror}", "choose another path"
+        ) from None
+    if not empty:
+        raise _output_error(
+            f"{target} is a directory that is not empty: writing the rootfs there would "
+            "delete what it holds",
+            "choose a new path, or add --force to replace a directory oci2disk made",
+        )
+
+
+def sweep_leftovers(directory: Path) -> list[Path]:
+    """Remove the temporary outputs and workspaces of runs that were killed (SIGKILL).
+
+    Only names made by a process that no longer exists are touched: a run going on at
+    the same time keeps its files. Returns what was removed, after logging it.
+    """
+    removed: list[Path] = []
+    for folder, pattern in ((directory, _PART), (temp_base(), _WORKSPACE)):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            match = pattern.match(name)
+            if match is None or _alive(int(match.group(1))):
+                continue
+            path = folder / name
+            _remove_tree(path)
+            if not os.path.lexists(path):
+                removed.append(path)
+    if removed:
+        log.warning(
+            "removed the leftovers of an interrupted oci2disk run: %s",
+            ", ".join(os.fspath(p) for p in removed),
+        )
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _remove_tree(path: Path) -> None:

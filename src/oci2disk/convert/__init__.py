@@ -95,7 +95,11 @@ def convert(
                 path = path / "vmlinuz"
             job.targets[fmt.plugin] = path
             plugin = fmt.plugin
-            pending[fmt] = AtomicDirectory(path) if plugin.directory else AtomicOutput(path)
+            pending[fmt] = (
+                AtomicDirectory(path, replace=options.replace)
+                if plugin.directory
+                else AtomicOutput(path)
+            )
             if plugin.raw:
                 job.raw_target = pending[fmt].tmp
         # the raw disk first, so that it starts at once; the converters that wait for it last

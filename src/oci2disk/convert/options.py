@@ -156,6 +156,9 @@ class ConvertOptions:
     jobs: int | None = None  # converters running at once; None: one per core, at least 2
     squashfs: SquashfsSpec = field(default_factory=SquashfsSpec)
     iso: IsoSpec = field(default_factory=IsoSpec)
+    # Replace a directory output that is not empty (--force; the caller has checked
+    # that oci2disk made it, since everything else in it is deleted).
+    replace: bool = False
 
     @classmethod
     def from_recipe(
