@@ -55,11 +55,19 @@ def convert(raw: Path, fmt: str, out: Path, compression: Compression = Compressi
     run.run(argv, what=f"qemu-img could not write the {fmt} image")
 
 
+def qemu_path(path: Path) -> str:
+    """``path`` as qemu-img must be given it: it reads "a:b" as a protocol prefix, so
+    relative paths are made explicit."""
+    text = os.fspath(path)
+    return text if text.startswith("/") else "./" + text
+
+
 def info(image: Path) -> dict[str, Any]:
     """``qemu-img info`` of ``image`` as a dict (format, virtual-size ...)."""
     proc = run.run(
-        ["qemu-img", "info", "--output=json", os.fspath(image)],
+        ["qemu-img", "info", "--output=json", "--", qemu_path(image)],
         what=f"qemu-img cannot read {os.fspath(image)}",
+        parsed=True,
     )
     data = json.loads(proc.stdout)
     if not isinstance(data, dict):
@@ -72,9 +80,10 @@ def image_format(image: Path) -> str:
     return str(info(image)["format"])
 
 
-def convert_to_raw(image: Path, out: Path) -> None:
-    """A raw copy of ``image`` (any format qemu-img reads) at ``out``."""
+def convert_to_raw(image: Path, out: Path, fmt: str | None = None) -> None:
+    """A raw copy of ``image`` at ``out``; ``fmt`` names its format (probed when None)."""
+    given = ["-f", fmt] if fmt else []
     run.run(
-        ["qemu-img", "convert", "-O", RAW, os.fspath(image), os.fspath(out)],
+        ["qemu-img", "convert", *given, "-O", RAW, "--", qemu_path(image), qemu_path(out)],
         what=f"qemu-img could not read {os.fspath(image)}",
     )

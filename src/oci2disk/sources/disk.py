@@ -13,18 +13,17 @@ Host tools: qemu-img (qemu-utils), for formats other than raw.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from oci2disk import run
+from oci2disk.diskimage import qemuimg
+from oci2disk.diskimage.extfs import has_ext_magic
 from oci2disk.errors import CommandError, ImageError, RefError
 from oci2disk.oci.layout import OciImage, Platform
 from oci2disk.rootfs.model import Kind, follow
 from oci2disk.sources.exttree import (
-    EXT_MAGIC,
-    SUPERBLOCK_OFFSET,
     ExtTree,
     Partition,
     find_partitions,
@@ -99,12 +98,6 @@ def identify(image: Path, offset: int) -> Found | None:
     return None
 
 
-def has_ext(image: Path, offset: int) -> bool:
-    with image.open("rb") as handle:
-        handle.seek(offset + SUPERBLOCK_OFFSET + 0x38)
-        return handle.read(2) == EXT_MAGIC.to_bytes(2, "little")
-
-
 def image_format(disk: Path) -> str:
     """The format qemu-img reads ``disk`` as; raw files are recognised without it."""
     if not disk.is_file():
@@ -112,12 +105,7 @@ def image_format(disk: Path) -> str:
     if disk.stat().st_size == 0:
         raise ImageError(f"disk:{disk}: the file is empty")
     try:
-        info = json.loads(
-            run.run(
-                ["qemu-img", "info", "--output=json", "--", _qemu_path(disk)],
-                what=f"qemu-img cannot read {disk}",
-            ).stdout
-        )
+        info = qemuimg.info(disk)
     except CommandError as exc:
         raise ImageError(
             f"disk:{disk}: qemu-img cannot open it as a disk image:\n{exc.stderr_tail}",
@@ -137,7 +125,7 @@ def raw_disk(disk: Path, workdir: Path) -> Path:
     fmt = image_format(disk)
     if fmt == "raw":
         return disk
-    check = run.run(["qemu-img", "check", "-f", fmt, "--", _qemu_path(disk)], check=False)
+    check = run.run(["qemu-img", "check", "-f", fmt, "--", qemuimg.qemu_path(disk)], check=False)
     if check.returncode not in CHECK_OK:
         text = (check.stdout + check.stderr).decode("utf-8", "replace").strip().splitlines()
         summary = "\n".join(text[-3:])
@@ -149,17 +137,8 @@ def raw_disk(disk: Path, workdir: Path) -> Path:
         )
     workdir.mkdir(parents=True, exist_ok=True)
     raw = workdir / "disk.raw"
-    run.run(
-        ["qemu-img", "convert", "-f", fmt, "-O", "raw", "--", _qemu_path(disk), _qemu_path(raw)],
-        what=f"qemu-img could not convert {disk} to raw",
-    )
+    qemuimg.convert_to_raw(disk, raw, fmt)
     return raw
-
-
-def _qemu_path(path: Path) -> str:
-    # qemu-img reads "a:b" as a protocol prefix: make relative paths explicit.
-    text = str(path)
-    return text if text.startswith("/") else "./" + text
 
 
 def choose_partition(raw: Path, partition: int | None, *, name: str) -> tuple[int, int | None]:
@@ -190,7 +169,7 @@ def choose_partition(raw: Path, partition: int | None, *, name: str) -> tuple[in
             )
         _require_ext(raw, chosen.start, f"{where}: partition {partition}")
         return chosen.start, chosen.number
-    ext = [p for p in partitions if has_ext(raw, p.start)]
+    ext = [p for p in partitions if has_ext_magic(raw, p.start)]
     if not ext:
         found = "; ".join(_describe(raw, p) for p in partitions)
         hint = _first_hint(raw, partitions)
@@ -222,7 +201,7 @@ def _is_file(tree: ExtTree, path: str) -> bool:
 
 
 def _require_ext(raw: Path, offset: int, what: str) -> None:
-    if has_ext(raw, offset):
+    if has_ext_magic(raw, offset):
         return
     found = identify(raw, offset)
     if found is None:
