@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from oci2disk import __version__, build, manifest, settings
 from oci2disk.convert import ConvertOptions, Format
 from oci2disk.errors import Oci2DiskError, UsageError
+from oci2disk.oci import cache
 from oci2disk.progress import SILENT, Progress, stderr_progress
 from oci2disk.settings import CliKind, Setting
 
@@ -143,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
         help="replace a non-empty directory output that oci2disk made before",
     )
     _image_flags(b)
+    _cache_flags(b)
 
     c = sub.add_parser("convert", help="convert an existing image")
     c.add_argument(
@@ -172,6 +174,7 @@ def parser() -> argparse.ArgumentParser:
         help="replace a non-empty directory output that oci2disk made before",
     )
     _image_flags(c)
+    _cache_flags(c)
 
     s = sub.add_parser("bootstrap", help="make a Debian base image from a mirror (mmdebstrap)")
     s.add_argument("suite", metavar="SUITE", help="bookworm, trixie, ...")
@@ -193,6 +196,14 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--partition", type=int, help="partition number (default: the root one)")
     v.add_argument("--ignore", action="append", default=[], metavar="PATH")
     v.add_argument("--platform")
+    _cache_flags(v)
+
+    k = sub.add_parser("cache", help="show, verify or prune the cache of layers and outputs")
+    k.add_argument("--cache-dir", type=Path, help="the cache folder (default: ~/.cache/oci2disk)")
+    k.add_argument("--prune", action="store_true", help="evict down to the size limit")
+    k.add_argument("--max-size", help="the size limit for --prune, e.g. 5G (default: 10G)")
+    k.add_argument("--clear", action="store_true", help="remove every entry")
+    k.add_argument("--verify", action="store_true", help="rehash every entry, drop bad ones")
 
     t = sub.add_parser("boot", help="boot a disk under QEMU and watch its serial console")
     t.add_argument("artifact", type=Path, metavar="ARTIFACT")
@@ -260,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     progress = SILENT if args.quiet else stderr_progress()
     try:
-        return COMMANDS[args.command](args, progress)
+        with cache.using(_cache(args)):
+            return COMMANDS[args.command](args, progress)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -270,6 +282,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Oci2DiskError as exc:
         _print_error(exc, args.debug)
         return 1
+
+
+def _cache_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="the cache of layers and outputs (default: ${XDG_CACHE_HOME:-~/.cache}/oci2disk)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="read and write everything afresh")
+
+
+def _cache(args: argparse.Namespace) -> cache.Cache | None:
+    """The cache a command uses: on by default for build, convert and verify."""
+    if args.command not in ("build", "convert", "verify") or args.no_cache:
+        return None
+    return cache.Cache(args.cache_dir or cache.default_root(), cache.default_max_bytes())
+
+
+def cmd_cache(args: argparse.Namespace, progress: Progress) -> int:
+    limit = cache.parse_size(args.max_size) if args.max_size else cache.default_max_bytes()
+    store = cache.Cache(args.cache_dir or cache.default_root(), limit)
+    with store.exclusive():
+        if args.verify:
+            for bad in store.verify_all():
+                print(f"removed (did not match its digest): {bad}")
+        if args.clear or args.prune:
+            freed = store.evict(0 if args.clear else limit)
+            print(f"freed {freed / (1 << 20):.0f} MiB")
+        use = store.usage()
+    print(f"cache: {use.root}")
+    print(f"  blobs:     {use.blobs} ({use.blob_bytes / (1 << 20):.0f} MiB)")
+    print(f"  images:    {use.images}")
+    print(f"  artifacts: {use.artifacts} ({use.artifact_bytes / (1 << 20):.0f} MiB)")
+    print(f"  total:     {use.total / (1 << 20):.0f} MiB of {limit / (1 << 30):.1f} GiB")
+    return 0
 
 
 def _print_error(exc: Oci2DiskError, debug: bool) -> None:
@@ -491,6 +538,7 @@ COMMANDS = {
     "bootstrap": cmd_bootstrap,
     "verify": cmd_verify,
     "boot": cmd_boot,
+    "cache": cmd_cache,
 }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import os
 import re
 import urllib.parse
@@ -28,7 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from oci2disk.errors import BuildError, ImageError, Oci2DiskError
-from oci2disk.oci.layout import OciImage, layout_from_docker_archive
+from oci2disk.oci import cache
+from oci2disk.oci.layout import OciImage, image_from_docker_archive, layout_from_docker_archive
+
+log = logging.getLogger("oci2disk.engine")
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 
@@ -176,19 +180,36 @@ class _ChunkReader(io.RawIOBase):
 
 
 def save_to_layout(name: str, layout: Path, tag: str | None = None) -> OciImage:
-    """Export an engine image as an OCI layout (``docker save`` streamed, digests computed)."""
+    """Export an engine image as an OCI layout (``docker save`` streamed, digests computed).
+
+    With a cache active (:func:`oci2disk.oci.cache.active`), an image whose config
+    digest (the Id ``docker image inspect`` reports) is cached is read from the cache and
+    nothing but its inspect from the engine; otherwise ``docker save`` streams into the
+    cache instead of ``layout``, and the image is remembered there.
+    """
     api = client()
     try:
-        api.inspect_image(name)
+        info = api.inspect_image(name)
     except Exception:
         raise ImageError(
             f"the Docker Engine has no image {name!r}",
             hint="build or load it first (`docker images` lists what the engine has)",
         ) from None
+    store = cache.active()
+    image_id = str(info.get("Id", ""))
+    if store is not None and image_id.startswith("sha256:"):
+        cached = store.image(image_id)
+        if cached is not None:
+            log.info("cache: %s is cached as %s", name, cached.digest)
+            return cached
     try:
         chunks = api.get_image(name, chunk_size=1 << 20)
         stream = io.BufferedReader(_ChunkReader(iter(chunks)), buffer_size=1 << 20)
-        return layout_from_docker_archive(stream, layout, tag)
+        if store is None:
+            return layout_from_docker_archive(stream, layout, tag)
+        image = image_from_docker_archive(stream, store.root)
+        store.remember_image(image)
+        return image
     except Oci2DiskError:
         raise
     except Exception as exc:

@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from oci2disk import build, manifest, recipe, settings
+from oci2disk import artifact_cache, build, manifest, recipe, settings
 from oci2disk import convert as conv
 from oci2disk.boot import boot_artifact as boot_artifact
 from oci2disk.convert import Format
 from oci2disk.errors import ConvertError
+from oci2disk.oci import cache
 from oci2disk.oci.add import Addition
 from oci2disk.oci.layout import OciImage, Platform
 from oci2disk.oci.transports import check_platform
@@ -78,10 +79,21 @@ def convert_image(
     ws: Workspace,
     progress: Progress,
 ) -> conv.ConvertResult:
-    """Flatten ``image`` once and write every output from it."""
+    """Flatten ``image`` once and write every output from it; with a cache active,
+    outputs stored for the same image and options are copied instead."""
     check_outputs(outputs, options)
+    store = cache.active()
+    if store is not None and artifact_cache.cacheable(outputs):
+        key = artifact_cache.key(image, outputs, options)
+        reused = artifact_cache.reuse(store, key, outputs)
+        if reused is not None:
+            progress.message(f"    outputs unchanged: re-used from the cache ({key[:12]})")
+            return reused
     with flattened(image, ws, progress, options.source_date_epoch) as rootfs:
-        return conv.convert(image, rootfs, outputs, options, ws, progress)
+        result = conv.convert(image, rootfs, outputs, options, ws, progress)
+    if store is not None and artifact_cache.cacheable(outputs):
+        artifact_cache.store(store, key, outputs, result)
+    return result
 
 
 def check_outputs(outputs: Mapping[Format, Path], options: conv.ConvertOptions) -> None:

@@ -440,9 +440,12 @@ class LayoutWriter:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         target = blob_path(self.layout, digest)
         if not target.exists():
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            # A unique temporary name: runs sharing a cache write the same blobs at once.
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".in-")
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
         return Descriptor(media_type, digest, len(data))
 
     def add_stream(self, stream: IO[bytes], media_type: str) -> Descriptor:
@@ -505,7 +508,24 @@ _MAGIC_MEDIA_TYPES = (
 
 
 def layout_from_docker_archive(stream: IO[bytes], layout: Path, tag: str | None) -> OciImage:
-    """Turn a ``docker save`` tar (read as a stream) into an OCI layout.
+    """Turn a ``docker save`` tar (read as a stream) into an OCI layout (see
+    :func:`image_from_docker_archive`), its image listed in the layout's index."""
+    writer = LayoutWriter(layout)
+    desc = _read_docker_archive(stream, writer)
+    desc = Descriptor(desc.media_type, desc.digest, desc.size, {REF_NAME: tag} if tag else {})
+    writer._add_to_index(desc)
+    return open_layout(layout, tag)
+
+
+def image_from_docker_archive(stream: IO[bytes], layout: Path) -> OciImage:
+    """Add the image of a ``docker save`` tar to a layout shared by many images (the
+    cache): its blobs only, the index untouched."""
+    return load_manifest(layout, _read_docker_archive(stream, LayoutWriter(layout)))
+
+
+def _read_docker_archive(stream: IO[bytes], writer: LayoutWriter) -> Descriptor:
+    """Write a ``docker save`` tar's blobs and an OCI manifest; return the manifest's
+    descriptor.
 
     Layers are kept byte for byte: an uncompressed layer becomes an OCI ``tar`` layer
     whose digest equals its diff_id, a gzip or zstd one (``docker load`` takes those
@@ -513,7 +533,6 @@ def layout_from_docker_archive(stream: IO[bytes], layout: Path, tag: str | None)
     and the second name as a symlink to the first; such links are followed inside
     the archive only. The config is kept byte for byte.
     """
-    writer = LayoutWriter(layout)
     by_name: dict[str, Descriptor] = {}
     links: dict[str, str] = {}
     manifest_json: list[dict[str, Any]] | None = None
@@ -569,10 +588,7 @@ def layout_from_docker_archive(stream: IO[bytes], layout: Path, tag: str | None)
         "config": config_desc.to_json(),
         "layers": [layer.to_json() for layer in layers],
     }
-    desc = writer.add_bytes(canonical_json(manifest), MT_OCI_MANIFEST)
-    desc = Descriptor(desc.media_type, desc.digest, desc.size, {REF_NAME: tag} if tag else {})
-    writer._add_to_index(desc)
-    return open_layout(layout, tag)
+    return writer.add_bytes(canonical_json(manifest), MT_OCI_MANIFEST)
 
 
 def layout_from_rootfs_tar(

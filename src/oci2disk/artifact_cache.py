@@ -1,0 +1,148 @@
+"""Finished outputs re-used from the cache: the same image and options give the same files.
+
+The key is the sha256 of (image digest, every output's format and name, the conversion
+options, oci2disk's version); outputs are deterministic in exactly those, so a run
+whose key is stored copies the stored files (a copy-on-write clone where the
+filesystem allows) instead of flattening and converting again.
+
+Host tools: none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from oci2disk import __version__
+from oci2disk.convert import Artifact, ConvertResult, Format
+from oci2disk.convert.disk import DiskLayout, FsIdentity
+from oci2disk.convert.options import ConvertOptions, FsType, Table
+from oci2disk.oci.cache import Cache, clone_file
+from oci2disk.oci.layout import OciImage
+
+
+def _canonical(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, list | tuple | frozenset | set):
+        items = [_canonical(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, frozenset | set) else items
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
+
+
+def _base(outputs: Mapping[Format, Path]) -> Path:
+    return Path(os.path.commonpath([os.fspath(p.parent) for p in outputs.values()]))
+
+
+def key(image: OciImage, outputs: Mapping[Format, Path], options: ConvertOptions) -> str:
+    base = _base(outputs)
+    data = {
+        "image": image.digest,
+        "outputs": sorted([fmt.name, os.path.relpath(p, base)] for fmt, p in outputs.items()),
+        # how many converters run at once changes no output
+        "options": _canonical(dataclasses.replace(options, jobs=None)),
+        "oci2disk": __version__,
+    }
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def store(
+    cache: Cache, entry_key: str, outputs: Mapping[Format, Path], result: ConvertResult
+) -> None:
+    base = _base(outputs)
+    files: dict[str, tuple[Path, str]] = {}
+    artifacts = []
+    for n, a in enumerate(result.artifacts):
+        name = f"{n}-{a.path.name}"
+        files[name] = (a.path, a.sha256)
+        artifacts.append(
+            {
+                "file": name,
+                "path": os.path.relpath(a.path, base),
+                "format": a.format.name,
+                "size": a.size,
+                "sha256": a.sha256,
+            }
+        )
+    meta: dict[str, Any] = {
+        "artifacts": artifacts,
+        "fs": None if result.fs is None else _canonical(result.fs),
+        "layout": None if result.layout is None else _canonical(result.layout),
+        "generated": list(result.generated),
+        "warnings": list(result.warnings),
+    }
+    cache.store_artifacts(entry_key, files, meta)
+
+
+def reuse(cache: Cache, entry_key: str, outputs: Mapping[Format, Path]) -> ConvertResult | None:
+    """The stored result under ``entry_key``, its files copied to ``outputs``; None
+    when nothing (usable) is stored."""
+    entry = cache.artifacts_for(entry_key)
+    if entry is None:
+        return None
+    base = _base(outputs)
+    meta = entry.meta
+    try:
+        artifacts = tuple(
+            Artifact(base / a["path"], Format[a["format"]], int(a["size"]), str(a["sha256"]))
+            for a in meta["artifacts"]
+        )
+        fs = meta["fs"]
+        layout = meta["layout"]
+        result = ConvertResult(
+            artifacts=artifacts,
+            fs=None if fs is None else FsIdentity(fs["uuid"], fs["label"], FsType[fs["fs"]]),
+            layout=None
+            if layout is None
+            else DiskLayout(
+                Table[layout["table"]],
+                int(layout["disk_bytes"]),
+                int(layout["fs_offset"]),
+                int(layout["fs_bytes"]),
+                int(layout["partition"]),
+            ),
+            generated=tuple(meta["generated"]),
+            warnings=tuple(meta["warnings"]),
+        )
+        sources = [entry.file(a["file"]) for a in meta["artifacts"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    for source, artifact in zip(sources, artifacts, strict=True):
+        _copy_out(source, artifact.path)
+    return result
+
+
+def _copy_out(source: Path, target: Path) -> None:
+    """Copy a stored file to ``target`` atomically (a temp name beside it, renamed)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        clone_file(source, Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cacheable(outputs: Mapping[Format, Path]) -> bool:
+    """Outputs that are single files (a dir output, or a kernel written into a
+    folder the user names, are not stored)."""
+    return bool(outputs) and not any(
+        fmt.plugin.directory or fmt is Format.KERNEL for fmt in outputs
+    )

@@ -1,0 +1,492 @@
+"""The content-addressed cache: layers and images by digest, finished artifacts by key.
+
+The cache folder (``${XDG_CACHE_HOME:-~/.cache}/oci2disk``) is itself an OCI image
+layout, so an image rebuilt from it is an ordinary :class:`OciImage` that flatten reads
+in place::
+
+    oci-layout
+    blobs/sha256/<hex>        layers (as the engine sent them: uncompressed from
+                              ``docker save``), configs and manifests, by digest
+    images/<config hex>       "<manifest digest> <size>": the image whose config the
+                              engine reports as the image Id (``docker image inspect``)
+    artifacts/<key>/          finished outputs and meta.json; key = sha256 of (image
+                              digest, options, oci2disk version)
+    lock                      flock: shared while a run uses the cache, exclusive to evict
+
+Reading verifies: every blob of an image is hashed before the image is used (a blob
+that does not match is deleted and the image read afresh from its source); an artifact
+is used only if each file's size, mtime, ctime and inode are those recorded when it
+was stored (any write to it changes them; ``oci2disk cache --verify`` rehashes).
+Writes go to temporary names and are renamed into place, so two runs sharing a cache
+never see half an entry. Least recently used entries are evicted above a size limit.
+
+Host tools: none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from oci2disk.errors import ImageError, Oci2DiskError
+from oci2disk.oci.layout import (
+    MT_OCI_MANIFEST,
+    Descriptor,
+    OciImage,
+    blob_path,
+    load_manifest,
+    verify_blob,
+)
+
+log = logging.getLogger("oci2disk.cache")
+
+DEFAULT_MAX_BYTES = 10 << 30
+MAX_SIZE_ENV = "OCI2DISK_CACHE_SIZE"
+STALE_TEMP_SECONDS = 3600  # a temporary file this old belongs to a run that died
+_FICLONE = 0x40049409
+
+
+def default_root(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "oci2disk"
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``512M``, ``1048576`` -> bytes."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise Oci2DiskError(
+            f"cache size {text!r} is not a size", hint='write it like "10G" or "512M"'
+        ) from None
+    if value < 0:
+        raise Oci2DiskError(f"cache size {text!r} is negative")
+    return value
+
+
+def default_max_bytes(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    text = env.get(MAX_SIZE_ENV)
+    return parse_size(text) if text else DEFAULT_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class Usage:
+    root: Path
+    blobs: int
+    blob_bytes: int
+    images: int
+    artifacts: int
+    artifact_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.blob_bytes + self.artifact_bytes
+
+
+@dataclass(frozen=True)
+class CachedArtifacts:
+    """One artifacts entry: its folder and the meta data stored with it."""
+
+    path: Path
+    meta: Mapping[str, Any]
+
+    def file(self, name: str) -> Path:
+        return self.path / "files" / name
+
+
+class Cache:
+    def __init__(self, root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.blobs = self.root / "blobs" / "sha256"
+        self.images = self.root / "images"
+        self.artifacts = self.root / "artifacts"
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------ sessions and locks
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Cache]:
+        """Hold the cache (shared with other runs) for one run; evict at the end."""
+        for folder in (self.blobs, self.images, self.artifacts):
+            folder.mkdir(parents=True, exist_ok=True)
+        layout_file = self.root / "oci-layout"
+        if not layout_file.exists():
+            _write_atomic(layout_file, b'{"imageLayoutVersion":"1.0.0"}')
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self._lock_fd = fd
+        try:
+            yield self
+        finally:
+            try:
+                if self._exclusive(wait=False):
+                    self.evict(self.max_bytes)
+            finally:
+                self._lock_fd = None
+                os.close(fd)
+
+    def _exclusive(self, *, wait: bool) -> bool:
+        """Turn this run's shared lock into an exclusive one: only when no other run
+        uses the cache (an entry it is reading is never removed under it)."""
+        assert self._lock_fd is not None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    # ---------------------------------------------------------------------- images
+
+    def image(self, config_digest: str) -> OciImage | None:
+        """The image whose config is ``config_digest``, every blob checked, or None.
+
+        A pointer or blob that is missing or does not match its digest is removed, so
+        the caller reads the image afresh and stores it again.
+        """
+        pointer = self.images / _hex(config_digest)
+        try:
+            digest, _, size = pointer.read_text().strip().partition(" ")
+            desc = Descriptor(MT_OCI_MANIFEST, digest, int(size))
+        except (OSError, ValueError):
+            return None
+        try:
+            image = load_manifest(self.root, desc)
+            if image.config_descriptor.digest != config_digest:
+                raise ImageError(f"cache: {pointer} names an image of another config")
+            for layer in image.layers:
+                self._touch(layer.digest)
+                verify_blob(self.root, layer)
+        except (ImageError, ValueError) as exc:
+            log.warning("cache: discarding a damaged entry (%s)", exc)
+            self._discard_image(pointer, desc)
+            return None
+        self._touch(desc.digest)
+        return image
+
+    def remember_image(self, image: OciImage) -> None:
+        """Record ``image`` (its blobs already in the cache) under its config digest."""
+        if image.layout != self.root:
+            raise ValueError("the image's blobs are not in this cache")
+        text = f"{image.manifest.digest} {image.manifest.size}\n"
+        _write_atomic(self.images / _hex(image.config_descriptor.digest), text.encode())
+
+    def _discard_image(self, pointer: Path, desc: Descriptor) -> None:
+        pointer.unlink(missing_ok=True)
+        try:
+            image = load_manifest(self.root, desc)
+        except (ImageError, ValueError):
+            _unlink_blob(self.root, desc.digest)
+            return
+        for layer in image.layers:
+            try:
+                verify_blob(self.root, layer)
+            except ImageError:
+                _unlink_blob(self.root, layer.digest)
+
+    def _touch(self, digest: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(blob_path(self.root, digest))
+
+    # ------------------------------------------------------------------- artifacts
+
+    def artifacts_for(self, key: str) -> CachedArtifacts | None:
+        """The stored artifacts under ``key`` if none was changed since it was stored."""
+        entry = self.artifacts / key
+        try:
+            meta = json.loads((entry / "meta.json").read_bytes())
+            for name, stamp in meta["files"].items():
+                if _stamp(entry / "files" / name) != stamp["stamp"]:
+                    raise ValueError(f"{name} changed since it was stored")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if entry.exists():
+                log.warning("cache: discarding artifacts %s (%s)", key[:12], exc)
+                _remove_tree(entry, self.artifacts)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(entry)
+        return CachedArtifacts(entry, meta)
+
+    def store_artifacts(
+        self, key: str, files: Mapping[str, tuple[Path, str]], meta: Mapping[str, Any]
+    ) -> None:
+        """Store ``files`` (name -> (path, sha256)) under ``key``; a run that stores the
+        same key at the same time wins or loses whole."""
+        tmp = Path(tempfile.mkdtemp(dir=self.artifacts, prefix=".in-"))
+        try:
+            stamps: dict[str, Any] = {}
+            (tmp / "files").mkdir()
+            for name, (path, sha256) in files.items():
+                target = tmp / "files" / name
+                clone_file(path, target)
+                os.chmod(target, 0o444)
+                stamps[name] = {"sha256": sha256}
+            for name in stamps:
+                stamps[name]["stamp"] = _stamp(tmp / "files" / name)
+            data = {**meta, "files": stamps, "stored": int(time.time())}
+            (tmp / "meta.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+            try:
+                os.rename(tmp, self.artifacts / key)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                _remove_tree(tmp, self.artifacts)  # another run stored it first
+        except BaseException:
+            _remove_tree(tmp, self.artifacts)
+            raise
+
+    # -------------------------------------------------------- usage and eviction
+
+    def usage(self) -> Usage:
+        blobs = [p for p in _files(self.blobs) if not p.name.startswith(".")]
+        artifacts = [p for p in _dirs(self.artifacts) if not p.name.startswith(".")]
+        return Usage(
+            self.root,
+            len(blobs),
+            sum(_size(p) for p in blobs),
+            len([p for p in _files(self.images) if not p.name.startswith(".")]),
+            len(artifacts),
+            sum(_tree_size(p) for p in artifacts),
+        )
+
+    def evict(self, max_bytes: int) -> int:
+        """Remove least recently used entries until the cache holds at most
+        ``max_bytes``; return the bytes freed. Needs the exclusive lock."""
+        now = time.time()
+        entries: list[tuple[float, int, Path]] = []
+        for folder in (self.blobs, self.artifacts, self.images):
+            for path in _children(folder):
+                try:
+                    st = path.lstat()
+                except OSError:
+                    continue
+                if path.name.startswith("."):  # a temporary of a run that died
+                    if now - st.st_mtime > STALE_TEMP_SECONDS:
+                        _remove_tree(path, folder)
+                    continue
+                if folder is not self.images:
+                    size = _tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
+                    entries.append((st.st_mtime, size, path))
+        total = sum(size for _, size, _ in entries)
+        freed = 0
+        for _, size, path in sorted(entries):
+            if total - freed <= max_bytes:
+                break
+            _remove_tree(path, path.parent)
+            freed += size
+        if freed:
+            self._drop_dangling_images()
+        return freed
+
+    def _drop_dangling_images(self) -> None:
+        for pointer in _files(self.images):
+            try:
+                digest = pointer.read_text().split()[0]
+                if blob_path(self.root, digest).exists():
+                    continue
+            except (OSError, IndexError, ImageError):
+                pass
+            pointer.unlink(missing_ok=True)
+
+    def verify_all(self) -> list[str]:
+        """Rehash every blob and stored artifact; remove and name what does not match."""
+        bad: list[str] = []
+        for path in _files(self.blobs):
+            if path.name.startswith("."):
+                continue
+            with path.open("rb") as f:
+                actual = hashlib.file_digest(f, "sha256").hexdigest()
+            if actual != path.name:
+                bad.append(os.fspath(path))
+                path.unlink(missing_ok=True)
+        for entry in _dirs(self.artifacts):
+            try:
+                meta = json.loads((entry / "meta.json").read_bytes())
+                for name, info in meta["files"].items():
+                    with (entry / "files" / name).open("rb") as f:
+                        if hashlib.file_digest(f, "sha256").hexdigest() != info["sha256"]:
+                            raise ValueError(name)
+            except (OSError, ValueError, KeyError, TypeError):
+                bad.append(os.fspath(entry))
+                _remove_tree(entry, self.artifacts)
+        self._drop_dangling_images()
+        return bad
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[Cache]:
+        """The cache to itself, waiting for other runs (for ``oci2disk cache --prune``)."""
+        with self.session():
+            self._exclusive(wait=True)
+            yield self
+
+
+# The cache the running command uses (set by the command line), None when off.
+_ACTIVE: ContextVar[Cache | None] = ContextVar("oci2disk_cache", default=None)
+
+
+def active() -> Cache | None:
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def using(cache: Cache | None) -> Iterator[Cache | None]:
+    """Make ``cache`` the active one for the duration (None: run without a cache). A
+    cache folder that cannot be made is a warning, and the run goes on without it."""
+    if cache is None:
+        token = _ACTIVE.set(None)
+        try:
+            yield None
+        finally:
+            _ACTIVE.reset(token)
+        return
+    try:
+        session = cache.session()
+        opened = session.__enter__()
+    except OSError as exc:
+        log.info("cache: %s is not usable (%s); running without it", cache.root, exc)
+        with using(None):
+            yield None
+        return
+    token = _ACTIVE.set(opened)
+    try:
+        yield opened
+    except BaseException as exc:
+        _ACTIVE.reset(token)
+        if not session.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        _ACTIVE.reset(token)
+        session.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def clone_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to a new file ``target``: a copy-on-write clone where the
+    filesystem has them (btrfs, XFS), else a copy that keeps holes (sparse disks)."""
+    with source.open("rb") as src, target.open("xb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            return
+        except OSError:
+            pass
+        _sparse_copy(src.fileno(), dst.fileno(), os.fstat(src.fileno()).st_size)
+
+
+def _sparse_copy(src: int, dst: int, size: int) -> None:
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        position = start
+        while position < end:
+            try:
+                n = os.copy_file_range(src, dst, end - position, position, position)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                n = _copy_range(src, dst, position, end - position)
+            if n == 0:
+                break
+            position += n
+        offset = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int) -> int:
+    data = os.pread(src, min(length, 1 << 20), offset)
+    return os.pwrite(dst, data, offset)
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _hex(digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or len(hexpart) != 64:
+        raise ImageError(f"unsupported digest {digest!r}")
+    return hexpart
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _unlink_blob(root: Path, digest: str) -> None:
+    with contextlib.suppress(OSError, ImageError):
+        blob_path(root, digest).unlink(missing_ok=True)
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in _children(folder) if p.is_file()]
+
+
+def _dirs(folder: Path) -> list[Path]:
+    return [p for p in _children(folder) if p.is_dir()]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _tree_size(path: Path) -> int:
+    if not path.is_dir():
+        return _size(path)
+    return sum(_size(Path(top) / name) for top, _, names in os.walk(path) for name in names)
+
+
+def _remove_tree(path: Path, inside: Path) -> None:
+    """Remove a cache entry (file or folder); only ever below ``inside``."""
+    if path.parent != inside:
+        raise ValueError(f"{path} is not an entry of {inside}")
+    if path.is_dir() and not path.is_symlink():
+        for top, dirs, _ in os.walk(path):
+            for name in dirs:  # entries are stored read-only
+                with contextlib.suppress(OSError):
+                    os.chmod(os.path.join(top, name), 0o755)
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
