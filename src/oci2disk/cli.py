@@ -37,6 +37,7 @@ CONVERT_SETTINGS = (
     "disk.fstab",
     "disk.root_partition",
     "outputs.compression",
+    "outputs.keep_identity",
     "initramfs.init",
     "initramfs.compression",
     "tar.compression",
@@ -137,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add_setting(b, "build.platform")
     add_setting(b, "build.args")
+    add_setting(b, "outputs.keep_identity")
     b.add_argument("--jobs", type=int, help="outputs written at once (default: one per core)")
     b.add_argument(
         "--force",
@@ -366,6 +368,7 @@ def cmd_build(args: argparse.Namespace, progress: Progress) -> int:
         on_build_line=show,
         jobs=_jobs(args.jobs),
         force=args.force,
+        keep_identity=bool(args.outputs__keep_identity),
         source_date_epoch=settings.source_date_epoch(),
         additions=args.add,
     )
@@ -403,6 +406,7 @@ def convert_options(args: argparse.Namespace) -> tuple[Format, ConvertOptions]:
             iso=settings.iso_spec(values),
             jobs=_jobs(args.jobs),
             replace=args.force,
+            keep_identity=settings.get(values, "outputs.keep_identity"),
         )
     except settings.Problem as exc:
         raise _problem(exc) from None

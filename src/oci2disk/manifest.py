@@ -63,6 +63,8 @@ class RunManifest:
     options: ConvertOptions
     recipe: Path | None = None
     filesystem: Filesystem | None = None
+    # What was taken out so that each machine is its own (machine-id, SSH host keys ...)
+    identity: tuple[str, ...] = ()
     version: str = __version__
 
 
@@ -101,6 +103,7 @@ def from_run(
         options=options,
         recipe=recipe,
         filesystem=filesystem,
+        identity=result.identity,
     )
 
 
@@ -140,6 +143,7 @@ def to_json(manifest: RunManifest) -> dict[str, Any]:
         ],
         "generated": list(manifest.generated),
         "warnings": list(manifest.warnings),
+        "identity": list(manifest.identity),
         "options": options_json(manifest.options),
     }
     if manifest.recipe is not None:

@@ -171,6 +171,7 @@ def build_recipe(
     source_date_epoch: int | None = None,
     additions: Sequence[Addition] = (),
     force: bool = False,
+    keep_identity: bool = False,
 ) -> RunResult:
     """``oci2disk build``: build the recipe's image, then write every output it names.
 
@@ -192,6 +193,8 @@ def build_recipe(
     options = replace(
         conv.ConvertOptions.from_recipe(rcp, source_date_epoch), jobs=jobs, replace=force
     )
+    if keep_identity:
+        options = replace(options, keep_identity=True)
     with Workspace() as ws:
         image, source = build_image(rcp, builder, ws, progress, on_build_line)
         image = with_additions(image, additions, ws, progress)

@@ -59,6 +59,7 @@ class OutputSpec:
     formats: tuple[Format, ...] = (Format.RAW,)
     name: str = "disk"
     compression: Compression = Compression.NONE  # qcow2 only
+    keep_identity: bool = False  # the image's machine-id, SSH host keys and random seed
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def load(recipe_dir: Path) -> Recipe:
                 formats=settings.get(values, "outputs.formats"),
                 name=settings.get(values, "outputs.name"),
                 compression=settings.get(values, "outputs.compression"),
+                keep_identity=settings.get(values, "outputs.keep_identity"),
             ),
             initramfs=settings.initramfs_spec(values),
             tar=settings.tar_spec(values),

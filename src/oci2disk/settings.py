@@ -349,6 +349,15 @@ SETTINGS: tuple[Setting[Any], ...] = (
     ),
     Setting("outputs.name", None, file_name, "disk", "base name of the output files"),
     Setting(
+        "outputs.keep_identity",
+        "--keep-identity",
+        boolean,
+        False,
+        "keep the image's machine-id, SSH host keys and random seed in disks, initramfs, "
+        "squashfs, iso and dir outputs (default: take them out, so each machine is its own)",
+        cli_kind=CliKind.BOOL,
+    ),
+    Setting(
         "outputs.compression",
         "--compression",
         compression_of(_QCOW2),

@@ -65,6 +65,7 @@ class ConvertResult:
     layout: disk.DiskLayout | None
     generated: tuple[str, ...]
     warnings: tuple[str, ...] = ()  # what an output could not keep (a dir made without root)
+    identity: tuple[str, ...] = ()  # machine-id, SSH host keys ... taken out of the outputs
 
 
 def preflight(formats: Iterable[Format]) -> None:
@@ -114,6 +115,7 @@ def convert(
     finally:
         for output in [*pending.values(), *(o for s in job.siblings.values() for o in s)]:
             output.discard()
+    edited = any(fmt not in (Format.TAR, Format.KERNEL) for fmt in outputs)
     carried = any(fmt.plugin.disk for fmt in outputs) or (
         options.disk.fstab_all_outputs and any(fmt is Format.TAR for fmt in outputs)
     )
@@ -123,6 +125,7 @@ def convert(
         layout=job.layout,
         generated=(*(e.path for e in job.generated if carried), *job.added),
         warnings=tuple(job.warnings),
+        identity=job.identity_edits.paths if edited else (),
     )
 
 

@@ -20,6 +20,7 @@ from oci2disk.oci.layout import OciImage
 from oci2disk.progress import Progress
 from oci2disk.rootfs import ExtraFile
 from oci2disk.rootfs.flat import FlatRootfs
+from oci2disk.rootfs.identity import IdentityEdits, identity_edits
 from oci2disk.workspace import AtomicOutput, Workspace
 
 if TYPE_CHECKING:
@@ -44,6 +45,13 @@ class Job:
         progress: Progress,
     ) -> None:
         self.image = image
+        # The tar output is the image as it is; the others are machines' disks, which
+        # must not share the image's machine-id, SSH host keys and random seed.
+        self.plain_rootfs = rootfs
+        self.identity_edits = IdentityEdits() if options.keep_identity else identity_edits(rootfs)
+        edits = self.identity_edits
+        if edits:
+            rootfs = rootfs.edited(files=edits.files, dirs=edits.dirs, remove=edits.remove)
         self.rootfs = rootfs
         self.options = options
         self.workspace = workspace

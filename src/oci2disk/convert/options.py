@@ -156,6 +156,9 @@ class ConvertOptions:
     jobs: int | None = None  # converters running at once; None: one per core, at least 2
     squashfs: SquashfsSpec = field(default_factory=SquashfsSpec)
     iso: IsoSpec = field(default_factory=IsoSpec)
+    # Keep the image's machine-id, SSH host keys and random seed (--keep-identity); by
+    # default every output but the tar takes them out (oci2disk.rootfs.identity).
+    keep_identity: bool = False
     # Replace a directory output that is not empty (--force; the caller has checked
     # that oci2disk made it, since everything else in it is deleted).
     replace: bool = False
@@ -167,6 +170,7 @@ class ConvertOptions:
         return cls(
             disk=rcp.disk,
             compression=rcp.outputs.compression,
+            keep_identity=rcp.outputs.keep_identity,
             source_date_epoch=source_date_epoch,
             initramfs=rcp.initramfs,
             tar=rcp.tar,
@@ -179,6 +183,8 @@ class ConvertOptions:
 class _Outputs(Protocol):
     @property
     def compression(self) -> Compression: ...
+    @property
+    def keep_identity(self) -> bool: ...
 
 
 class RecipeOptions(Protocol):

@@ -43,7 +43,7 @@ def write(job: Job, out: Path) -> None:
     how = compress.describe(spec.compression, spec.level)
     with job.progress.step(f"writing the rootfs tar (compression: {how})"):
         write_tar(
-            job.rootfs,
+            job.plain_rootfs,
             out,
             spec,
             extra=job.extra_for(disk_output=False),
