@@ -19,22 +19,11 @@ from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import IO, BinaryIO
 
-from oci2disk.bytestreams import CHUNK, ZEROS, BatchingWriter, RunReader
+from oci2disk.bytestreams import CHUNK, ZEROS, RunReader
 from oci2disk.errors import ImageError
 from oci2disk.rootfs.model import ENCODING, ERRORS, NS, Entry, ExtraFile, Kind, RootfsStats
+from oci2disk.rootfs.tarwriter import TarSink, tarinfo
 from oci2disk.rootfs.tree import Dir, Meta, Node, by_name, components, extents, show
-
-BLOCK = tarfile.BLOCKSIZE
-RECORD = tarfile.RECORDSIZE
-_KIND_TYPES = {
-    Kind.FILE: tarfile.REGTYPE,
-    Kind.DIR: tarfile.DIRTYPE,
-    Kind.SYMLINK: tarfile.SYMTYPE,
-    Kind.CHAR: tarfile.CHRTYPE,
-    Kind.BLOCK: tarfile.BLKTYPE,
-    Kind.FIFO: tarfile.FIFOTYPE,
-}
-
 
 Overlay = dict[bytes, dict[bytes, "Node | None"]]  # parent path -> name -> node (None: removed)
 
@@ -130,7 +119,7 @@ class FlatRootfs:
         """Write the canonical PAX tar stream, with ``extra`` files added or replacing."""
         self._check_open()
         overlay = self._plan_extras(extra)
-        sink = _Sink(out)
+        sink = TarSink(out)
         leaders: dict[Node, bytes] = {}
         for path, node in self._walk(overlay):
             link = b""
@@ -139,7 +128,7 @@ class FlatRootfs:
                 link = leaders.setdefault(node, path)
                 if link == path:
                     link = b""
-            info = self._tarinfo(path, node, link)
+            info = tarinfo(self._entry(path, node), link.decode(ENCODING, ERRORS))
             sink.write(info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS))
             if info.type == tarfile.REGTYPE and node.size:
                 self._copy(sink, path, node)
@@ -281,30 +270,6 @@ class FlatRootfs:
             link_group=leader.decode(ENCODING, ERRORS) if leader is not None else "",
         )
 
-    def _tarinfo(self, path: bytes, node: Node, hardlink_to: bytes) -> tarfile.TarInfo:
-        meta = node.meta
-        info = tarfile.TarInfo(path.decode(ENCODING, ERRORS))
-        # A link entry carries its file's full metadata: mke2fs applies the link's
-        # header to the shared inode.
-        info.type = tarfile.LNKTYPE if hardlink_to else _KIND_TYPES[meta.kind]
-        info.linkname = hardlink_to.decode(ENCODING, ERRORS) if hardlink_to else meta.linkname
-        info.mode = meta.mode
-        info.uid = meta.uid
-        info.gid = meta.gid
-        info.uname = info.gname = ""
-        info.size = node.size if info.type == tarfile.REGTYPE else 0
-        info.devmajor = meta.devmajor
-        info.devminor = meta.devminor
-        pax = {"SCHILY.xattr." + key: value.decode(ENCODING, ERRORS) for key, value in meta.xattrs}
-        mtime = self._clamp(node.mtime)
-        info.mtime = mtime // NS
-        if mtime % NS:
-            whole, frac = divmod(abs(mtime), NS)
-            sign = "-" if mtime < 0 else ""
-            pax["mtime"] = f"{sign}{whole}.{frac:09d}".rstrip("0")
-        info.pax_headers = pax
-        return info
-
     def _extra_parts(self, text: str, view: FlatRootfs) -> list[bytes]:
         parts = components(text)
         if not parts:
@@ -335,7 +300,7 @@ class FlatRootfs:
             plan.setdefault(b"/".join(parts[:-1]) or b".", {})[parts[-1]] = node
         return plan
 
-    def _copy(self, sink: _Sink, path: bytes, node: Node) -> None:
+    def _copy(self, sink: TarSink, path: bytes, node: Node) -> None:
         if isinstance(node, Inline):
             sink.write(node.data)
             sink.pad(node.size)
@@ -359,17 +324,3 @@ class FlatRootfs:
                 offset += len(chunk)
                 remaining -= len(chunk)
         sink.pad(node.size)
-
-
-class _Sink(BatchingWriter):
-    """The tar stream: 512-byte blocks, closed by the end-of-archive marker."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        super().__init__(out, BLOCK)
-
-    def finish(self) -> None:
-        self.write(bytes(2 * BLOCK))  # end-of-archive marker
-        if self.written % RECORD:
-            self.write(bytes(RECORD - self.written % RECORD))
-        self.flush()
-        self.out.flush()

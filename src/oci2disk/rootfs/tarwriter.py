@@ -67,7 +67,7 @@ def write_entries_tar(
 ) -> TarStats:
     """Write ``entries`` (already in canonical order) with file content from ``tree``."""
     limit = None if source_date_epoch is None else source_date_epoch * NS
-    sink = _Sink(out)
+    sink = TarSink(out)
     leaders: dict[str, str] = {}  # link group -> the name written as the file
     count = hardlinks = data = sockets = 0
     for entry in entries:
@@ -79,7 +79,7 @@ def write_entries_tar(
             link = leaders.setdefault(entry.link_group, entry.path)
             if link == entry.path:
                 link = ""
-        info = _tarinfo(entry, link, limit)
+        info = tarinfo(entry, link, limit)
         sink.write(info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS))
         count += 1
         if link:
@@ -93,7 +93,10 @@ def write_entries_tar(
     return TarStats(count, hardlinks, data, sockets)
 
 
-def _tarinfo(entry: Entry, hardlink_to: str, limit: int | None) -> tarfile.TarInfo:
+def tarinfo(entry: Entry, hardlink_to: str = "", limit: int | None = None) -> tarfile.TarInfo:
+    """The canonical PAX header of ``entry``: permission bits only in the mode field (so
+    mke2fs links hard links right), a link entry with its file's metadata, SCHILY xattrs,
+    nanosecond mtimes (clamped to ``limit``)."""
     info = tarfile.TarInfo(entry.path)
     info.type = tarfile.LNKTYPE if hardlink_to else _TYPES[entry.kind]
     info.linkname = hardlink_to or entry.linkname
@@ -115,7 +118,7 @@ def _tarinfo(entry: Entry, hardlink_to: str, limit: int | None) -> tarfile.TarIn
     return info
 
 
-def _copy(tree: Tree, entry: Entry, sink: _Sink) -> None:
+def _copy(tree: Tree, entry: Entry, sink: TarSink) -> None:
     remaining = entry.size
     with tree.open(entry.path) as content:
         while remaining:
@@ -131,7 +134,7 @@ def _copy(tree: Tree, entry: Entry, sink: _Sink) -> None:
     sink.pad(entry.size)
 
 
-class _Sink(BatchingWriter):
+class TarSink(BatchingWriter):
     """The tar stream: 512-byte blocks, closed by the end-of-archive marker."""
 
     def __init__(self, out: BinaryIO) -> None:
