@@ -17,7 +17,7 @@ import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO, Protocol
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -167,3 +167,23 @@ def sha256_file(path: Path) -> str:
                 h.update(data)
                 position += len(data)
     return h.hexdigest()
+
+
+class Writable(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
+class HashingWriter:
+    """Passes writes on to ``out`` and counts and hashes them (a layer's diff_id while
+    it is being compressed, a blob's digest while it is being stored)."""
+
+    def __init__(self, out: Writable) -> None:
+        self.out = out
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        self.out.write(data)
+        return len(data)

@@ -22,7 +22,6 @@ Host tools: skopeo.
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from oci2disk import run
-from oci2disk.bytestreams import sha256_file
+from oci2disk.bytestreams import HashingWriter, sha256_file
 from oci2disk.errors import CommandError, Oci2DiskError, RefError
 from oci2disk.oci.layout import (
     MT_OCI_LAYER,
@@ -174,21 +173,6 @@ def artifact_destination(dest: ImageRef) -> ImageRef:
 # ---------------------------------------------------------------- layouts
 
 
-class _HashingWriter:
-    """Counts and hashes what goes through it (the diff_id of a layer being gzipped)."""
-
-    def __init__(self, out: Any) -> None:
-        self.out = out
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        self.out.write(data)
-        return len(data)
-
-
 def _epoch(source_date_epoch: int | None) -> int:
     if source_date_epoch is not None:
         return source_date_epoch
@@ -226,14 +210,14 @@ def containerdisk_layout(
     writer = LayoutWriter(layout)
     tmp = layout / "blobs" / "sha256" / ".containerdisk-layer"
     with tmp.open("wb") as raw_out:
-        blob = _HashingWriter(raw_out)
+        blob = HashingWriter(raw_out)
         gz: Any = None
         if compress:
             from isal import igzip
 
             # level 1: a qcow2 hardly compresses further; the time goes into reading it
             gz = igzip.IGzipFile(fileobj=blob, mode="wb", compresslevel=1, mtime=0)  # type: ignore[no-untyped-call]
-        plain = _HashingWriter(gz if gz is not None else blob)
+        plain = HashingWriter(gz if gz is not None else blob)
         tar_out: Any = plain
         with tarfile.open(fileobj=tar_out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(_tar_info(f"{DISK_DIR}/", tarfile.DIRTYPE, 0o555, 0, epoch))

@@ -20,7 +20,6 @@ Host tools: umoci.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import posixpath
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from oci2disk import run
+from oci2disk.bytestreams import HashingWriter
 from oci2disk.errors import ImageError, UsageError
 from oci2disk.oci.layers import open_layer
 from oci2disk.oci.layout import (
@@ -144,11 +144,11 @@ def complete_last_layer(layout: Path, tag: str) -> OciImage:
     fd, tmpname = tempfile.mkstemp(dir=blobs, prefix=".complete-")
     try:
         with os.fdopen(fd, "wb") as out:
-            compressed = _Hashing(out)
+            compressed = HashingWriter(out)
             from isal import igzip
 
             gz = igzip.IGzipFile(fileobj=compressed, mode="wb", mtime=0)  # type: ignore[no-untyped-call]
-            plain = _Hashing(gz)
+            plain = HashingWriter(gz)
             tail = b""
             with open_layer(image, desc) as src:
                 while chunk := src.read(1 << 20):
@@ -187,16 +187,3 @@ def _replace_last_layer(image: OciImage, layer: Descriptor, diff_id: str, tag: s
         Descriptor(new.media_type, new.digest, new.size, {"org.opencontainers.image.ref.name": tag})
     )
     return open_layout(image.layout, tag)
-
-
-class _Hashing:
-    def __init__(self, out: Any) -> None:
-        self.out = out
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        self.out.write(data)
-        return len(data)
