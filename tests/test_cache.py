@@ -238,3 +238,23 @@ def test_the_cache_command_shows_and_prunes(
     engine.clear()
     convert(tiny_image, tmp_path / "x.tar", cache_dir, engine)
     assert saved(engine)
+
+
+def test_a_no_op_run_leaves_untouched_outputs_and_restores_changed_ones(
+    tiny_image: str, engine: Recorder, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    output = tmp_path / "out.tar"
+    convert(tiny_image, output, cache_dir, engine)
+    good = output.read_bytes()
+    inode = output.stat().st_ino
+
+    convert(tiny_image, output, cache_dir, engine)
+    assert output.stat().st_ino == inode, "an untouched output is left where it is"
+
+    with output.open("r+b") as f:  # the user changed the output (booted it, say)
+        f.seek(1000)
+        f.write(b"X")
+    again = convert(tiny_image, output, cache_dir, engine)
+    assert "re-used from the cache" in again.stderr
+    assert output.read_bytes() == good

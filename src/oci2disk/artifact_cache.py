@@ -86,6 +86,7 @@ def store(
         "warnings": list(result.warnings),
     }
     cache.store_artifacts(entry_key, files, meta)
+    cache.remember_placed(entry_key, [a.path for a in result.artifacts])
 
 
 def reuse(cache: Cache, entry_key: str, outputs: Mapping[Format, Path]) -> ConvertResult | None:
@@ -121,8 +122,13 @@ def reuse(cache: Cache, entry_key: str, outputs: Mapping[Format, Path]) -> Conve
         sources = [entry.file(a["file"]) for a in meta["artifacts"]]
     except (KeyError, TypeError, ValueError):
         return None
+    copied = []
     for source, artifact in zip(sources, artifacts, strict=True):
-        _copy_out(source, artifact.path)
+        # A no-op rebuild finds the previous outputs where it would copy them again.
+        if not cache.untouched(entry_key, artifact.path):
+            _copy_out(source, artifact.path)
+            copied.append(artifact.path)
+    cache.remember_placed(entry_key, copied)
     return result
 
 

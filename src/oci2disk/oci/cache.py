@@ -255,6 +255,34 @@ class Cache:
             _remove_tree(tmp, self.artifacts)
             raise
 
+    def placed(self, key: str) -> dict[str, list[int]]:
+        """Where this entry's files were last put (path -> stamp of the file there)."""
+        try:
+            data = json.loads((self.artifacts / key / "placed.json").read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def remember_placed(self, key: str, paths: list[Path]) -> None:
+        """Record the stamps of ``paths``, copies of this entry's files just put there:
+        a later run finds them untouched (same inode, size, mtime and ctime) and leaves
+        them be. Two runs recording at once lose one record, never the entry."""
+        entry = self.artifacts / key
+        if not entry.is_dir():
+            return
+        placed = self.placed(key)
+        for path in paths:
+            placed[os.fspath(path)] = _stamp(path)
+        with contextlib.suppress(OSError):
+            _write_atomic(entry / "placed.json", json.dumps(placed, sort_keys=True).encode())
+
+    def untouched(self, key: str, path: Path) -> bool:
+        """Whether ``path`` is still the very file this entry last put there."""
+        try:
+            return self.placed(key).get(os.fspath(path)) == _stamp(path)
+        except OSError:
+            return False
+
     # -------------------------------------------------------- usage and eviction
 
     def usage(self) -> Usage:
