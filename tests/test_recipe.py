@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from oci2disk.convert.options import Firmware
 from oci2disk.errors import RecipeError
 from oci2disk.recipe import Compression, Format, FstabMode, FsType, Table, load, parse_size
 
@@ -23,7 +24,9 @@ def test_shipped_debian_qemu_recipe_parses() -> None:
     rcp = load(ROOT / "recipes" / "debian-qemu")
     assert rcp.name == "debian-qemu"
     assert rcp.build.dockerfile == ROOT / "recipes" / "debian-qemu" / "Dockerfile"
-    assert rcp.disk.table is Table.MBR and rcp.disk.fs is FsType.EXT4
+    # GPT: one disk for BIOS and UEFI, as Debian's cloud images
+    assert rcp.disk.table is Table.GPT and rcp.disk.fs is FsType.EXT4
+    assert rcp.boot.firmware == (Firmware.BIOS, Firmware.UEFI)
     assert rcp.disk.size is None  # auto
     assert rcp.outputs.formats == (Format.RAW, Format.QCOW2)
 

@@ -19,6 +19,7 @@ Host tools: qemu-system-x86_64 (qemu-system-aarch64 for arm64 guests), qemu-img.
 from __future__ import annotations
 
 import codecs
+import enum
 import functools
 import logging
 import os
@@ -36,7 +37,7 @@ from typing import IO
 from oci2disk import manifest, run
 from oci2disk.arch import Arch
 from oci2disk.compression import Compression
-from oci2disk.diskimage import extfs, qemuimg
+from oci2disk.diskimage import bootfiles, extfs, qemuimg
 from oci2disk.errors import BootError, ImageError, Oci2DiskError
 from oci2disk.progress import SILENT, Progress
 from oci2disk.rootfs import Entry, kernels
@@ -50,12 +51,43 @@ NO_KERNEL_HINT = (
 )
 
 
+class Firmware(enum.Enum):
+    """How a disk with its own bootloader is started: QEMU's SeaBIOS, or UEFI (OVMF on
+    x86-64, AAVMF on arm64)."""
+
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+# UEFI firmware images QEMU boots with -bios, per architecture, and their Debian packages.
+UEFI_FIRMWARE: dict[Arch, tuple[Path, str]] = {
+    Arch.X86_64: (Path("/usr/share/ovmf/OVMF.fd"), "ovmf"),
+    Arch.AARCH64: (Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"), "qemu-efi-aarch64"),
+}
+
+
+def uefi_firmware(arch: Arch) -> Path:
+    found = UEFI_FIRMWARE.get(arch)
+    if found is None:
+        raise BootError(f"no UEFI firmware for {arch.uname} guests here")
+    path, package = found
+    if not path.is_file():
+        raise BootError(
+            f"the UEFI firmware {os.fspath(path)} is missing",
+            hint=f"install {package} (Debian package {package}), or run ./setup.sh",
+        )
+    return path
+
+
 @dataclass(frozen=True)
 class BootSpec:
-    """What to boot. ``append`` is the whole kernel command line (see ``kernel_cmdline``)."""
+    """What to boot. ``append`` is the whole kernel command line (see ``kernel_cmdline``).
+
+    Without ``kernel``, the firmware (``firmware``; SeaBIOS when None) starts the
+    bootloader on the disk, and ``append`` is not used."""
 
     disk: Path | None
-    kernel: Path
+    kernel: Path | None
     initrd: Path | None
     append: str
     disk_format: str = "raw"
@@ -63,6 +95,7 @@ class BootSpec:
     cpus: int = 2
     arch: Arch = Arch.X86_64
     extra_args: tuple[str, ...] = ()
+    firmware: Firmware | None = None
 
 
 @dataclass(frozen=True)
@@ -238,10 +271,12 @@ def qemu_argv(spec: BootSpec, accel: str) -> list[str]:
         "-nodefaults", "-display", "none", "-monitor", "none",
         "-serial", "stdio",
         "-no-reboot",
-        "-kernel", os.fspath(spec.kernel),
-        "-append", spec.append,
     ]  # fmt: skip
-    if spec.initrd is not None:
+    if spec.firmware is Firmware.UEFI:
+        argv += ["-bios", os.fspath(uefi_firmware(arch))]
+    if spec.kernel is not None:
+        argv += ["-kernel", os.fspath(spec.kernel), "-append", spec.append]
+    if spec.initrd is not None and spec.kernel is not None:
         argv += ["-initrd", os.fspath(spec.initrd)]
     if spec.disk is not None:
         # Commas in a -drive value are escaped by doubling them.
@@ -475,6 +510,38 @@ def _copy_out(fs: extfs.ExtFs, entry: Entry, version: str, workdir: Path) -> Pat
     return out
 
 
+def firmware_boot(
+    disk: Path, disk_format: str, asked: str | None, workdir: Path
+) -> tuple[Firmware, Arch] | None:
+    """The firmware that boots ``disk`` through its own bootloader, and the guest's
+    architecture; None when the disk has no bootloader and none was asked for."""
+    found = bootfiles.probe(disk, workdir, disk_format).found
+    uefi = found.uefi_arch
+    if asked is None:
+        if found.bios:
+            return Firmware.BIOS, Arch.X86_64
+        arch = Arch.lookup(uefi) if uefi is not None else None
+        return None if arch is None else (Firmware.UEFI, arch)
+    if asked == Firmware.BIOS.value:
+        if not found.bios:
+            raise BootError(
+                f"{os.fspath(disk)} has no bootloader for BIOS (no GRUB boot.img in its MBR)",
+                hint="boot it with --firmware uefi, or with --firmware none (-kernel); "
+                "convert with --firmware bios to give it one",
+            )
+        return Firmware.BIOS, Arch.X86_64
+    if uefi is None:
+        raise BootError(
+            f"{os.fspath(disk)} has no bootloader for UEFI (no EFI system partition with "
+            "/EFI/BOOT/BOOTX64.EFI or BOOTAA64.EFI)",
+            hint="boot it with --firmware bios, or with --firmware none (-kernel); "
+            "convert with --firmware uefi to give it one",
+        )
+    arch = Arch.lookup(uefi)
+    assert arch is not None
+    return Firmware.UEFI, arch
+
+
 def filesystem_uuid(disk: Path, workdir: Path) -> str:
     """The UUID of the disk's root filesystem: from its manifest, else read from it."""
     known = manifest.find_for_artifact(disk)
@@ -503,13 +570,56 @@ def boot_artifact(
     memory_mb: int = 1024,
     progress: Progress = SILENT,
     echo: Callable[[str], None] | None = None,
+    firmware: str | None = None,
 ) -> BootResult:
-    """``oci2disk boot``: boot the disk under QEMU with the kernel from its own /boot
-    (or ``kernel``), the architecture the kernel is for, and KVM when it works."""
+    """``oci2disk boot``: boot the disk under QEMU, and KVM when it works.
+
+    A disk with its own bootloader is started by the firmware (``firmware`` "bios" or
+    "uefi"; by default SeaBIOS when it has GRUB for BIOS, else UEFI). Otherwise, with
+    ``kernel``, or ``firmware`` "none": with the kernel from its own /boot (or
+    ``kernel``) given to QEMU, for the architecture the kernel is for."""
     if not artifact.is_file():
         raise BootError(f"{artifact}: no such disk image")
     log_path = log_path or artifact.with_name(artifact.name + ".boot.log")
     with Workspace() as ws:
+        disk_format = qemuimg.image_format(artifact)
+        through = None
+        if firmware in ("bios", "uefi") and (kernel is not None or append):
+            raise BootError(
+                f"--firmware {firmware} starts the disk's own bootloader, which takes the "
+                "kernel and its command line from the disk's grub.cfg: --kernel, --initrd "
+                "and --append cannot apply",
+                hint="leave out --firmware (or give --firmware none) to boot with -kernel",
+            )
+        # --append only reaches a kernel QEMU starts itself: it keeps the -kernel path.
+        if kernel is None and firmware != "none" and not (append and firmware is None):
+            through = firmware_boot(artifact, disk_format, firmware, ws.path)
+        if through is not None:
+            chosen, arch = through
+            spec = BootSpec(
+                disk=artifact,
+                kernel=None,
+                initrd=None,
+                append="",
+                disk_format=disk_format,
+                memory_mb=memory_mb,
+                arch=arch,
+                firmware=chosen,
+            )
+            accel = choose_accel(arch)
+            shown = "SeaBIOS" if chosen is Firmware.BIOS else "UEFI"
+            with progress.step(
+                f"booting through {shown} and the disk's bootloader under QEMU, "
+                f"{accel.reason}; waiting for {expect!r}"
+            ):
+                return boot(
+                    spec,
+                    expect=expect,
+                    timeout=timeout,
+                    log_path=log_path,
+                    on_line=echo or (lambda line: progress.update(line[:100])),
+                    accel=accel,
+                )
         if kernel is None:
             with progress.step("copying the kernel and initrd out of the image"):
                 kernel, found_initrd, root = kernel_from_disk(artifact, ws.path)
@@ -522,7 +632,7 @@ def boot_artifact(
             kernel=kernel,
             initrd=initrd,
             append=kernel_cmdline(root, append, arch=arch),
-            disk_format=qemuimg.image_format(artifact),
+            disk_format=disk_format,
             memory_mb=memory_mb,
             arch=arch,
         )

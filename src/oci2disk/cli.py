@@ -27,7 +27,13 @@ if TYPE_CHECKING:
     from oci2disk.oci.add import Addition
 
 # The settings each command takes as flags (the rest of the table is recipe-only).
-BUILD_SETTINGS = ("outputs.formats", "build.platform", "build.args")
+BUILD_SETTINGS = (
+    "outputs.formats",
+    "build.platform",
+    "build.args",
+    "boot.firmware",
+    "boot.cmdline",
+)
 CONVERT_SETTINGS = (
     "disk.size",
     "disk.table",
@@ -45,6 +51,8 @@ CONVERT_SETTINGS = (
     "kernel.version",
     "kernel.vmlinux",
     "build.platform",
+    "boot.firmware",
+    "boot.cmdline",
 )
 LEVEL_OF = {Format.CGZ: "initramfs.level", Format.TAR: "tar.level"}
 
@@ -138,6 +146,8 @@ def parser() -> argparse.ArgumentParser:
     )
     add_setting(b, "build.platform")
     add_setting(b, "build.args")
+    add_setting(b, "boot.firmware")
+    add_setting(b, "boot.cmdline")
     add_setting(b, "outputs.keep_identity")
     b.add_argument("--jobs", type=int, help="outputs written at once (default: one per core)")
     b.add_argument(
@@ -162,7 +172,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", type=Path, required=True)
     disk = c.add_argument_group("disk outputs (raw, fs, qcow2, vmdk, vhdx, vpc, vdi)")
     for key in CONVERT_SETTINGS:
-        if key.startswith(("disk.", "outputs.")):
+        if key.startswith(("disk.", "outputs.", "boot.")):
             add_setting(disk, key)
     archive = c.add_argument_group("cgz, tar and kernel outputs")
     for key in CONVERT_SETTINGS:
@@ -216,6 +226,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--timeout", type=float, default=300.0)
     t.add_argument("--log", type=Path, help="serial log file (default: ARTIFACT.boot.log)")
     t.add_argument("--memory", type=int, default=1024, help="MiB")
+    t.add_argument(
+        "--firmware",
+        choices=("bios", "uefi", "none"),
+        help="boot through the disk's own bootloader with SeaBIOS (bios) or UEFI (OVMF, "
+        "AAVMF on arm64), or give QEMU the kernel (none); default: the disk's bootloader "
+        "when it has one (SeaBIOS first) and no --kernel or --append is given",
+    )
     return p
 
 
@@ -371,6 +388,8 @@ def cmd_build(args: argparse.Namespace, progress: Progress) -> int:
         keep_identity=bool(args.outputs__keep_identity),
         source_date_epoch=settings.source_date_epoch(),
         additions=args.add,
+        firmware=values.get("boot.firmware"),
+        cmdline=values.get("boot.cmdline"),
     )
     _warn(result.manifest)
     pushed = _push(args, result.manifest_path, progress)
@@ -404,6 +423,7 @@ def convert_options(args: argparse.Namespace) -> tuple[Format, ConvertOptions]:
             kernel=settings.kernel_spec(values),
             squashfs=settings.squashfs_spec(values),
             iso=settings.iso_spec(values),
+            boot=settings.boot_spec(values),
             jobs=_jobs(args.jobs),
             replace=args.force,
             keep_identity=settings.get(values, "outputs.keep_identity"),
@@ -520,6 +540,7 @@ def cmd_boot(args: argparse.Namespace, progress: Progress) -> int:
         memory_mb=args.memory,
         progress=progress,
         echo=(lambda line: print(f"    | {line}", file=sys.stderr)) if args.verbose else None,
+        firmware=args.firmware,
     )
     if result.matched:
         print(

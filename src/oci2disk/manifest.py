@@ -53,6 +53,18 @@ class Filesystem:
 
 
 @dataclass(frozen=True)
+class Bootloader:
+    """The bootloaders written into the disks (GRUB for BIOS and/or UEFI)."""
+
+    firmware: tuple[str, ...]  # "bios", "uefi"
+    bios_core: bool  # GRUB's core.img embedded for BIOS
+    efi_loader: str | None  # the ESP's removable-media loader (/EFI/BOOT/BOOTX64.EFI)
+    esp_uuid: str | None  # the ESP's FAT serial, as /etc/fstab names it
+    grub_cfg: str  # the configuration in the root filesystem
+    modules: tuple[tuple[str, str], ...]  # (GRUB target, "image" or "host")
+
+
+@dataclass(frozen=True)
 class RunManifest:
     """What a run made, from what, and how: written beside the outputs as JSON."""
 
@@ -65,6 +77,7 @@ class RunManifest:
     filesystem: Filesystem | None = None
     # What was taken out so that each machine is its own (machine-id, SSH host keys ...)
     identity: tuple[str, ...] = ()
+    bootloader: Bootloader | None = None
     version: str = __version__
 
 
@@ -104,6 +117,16 @@ def from_run(
         recipe=recipe,
         filesystem=filesystem,
         identity=result.identity,
+        bootloader=None
+        if result.bootloader is None
+        else Bootloader(
+            firmware=result.bootloader.firmware,
+            bios_core=result.bootloader.bios_core,
+            efi_loader=result.bootloader.efi_loader,
+            esp_uuid=result.bootloader.esp_uuid,
+            grub_cfg=result.bootloader.grub_cfg,
+            modules=result.bootloader.modules,
+        ),
     )
 
 
@@ -124,6 +147,12 @@ def options_json(options: ConvertOptions) -> dict[str, Any]:
         },
         "tar": {"compression": options.tar.compression.label, "level": options.tar.level},
         "kernel": {"version": options.kernel.version, "vmlinux": options.kernel.vmlinux},
+        "boot": {
+            "firmware": "auto"
+            if options.boot.firmware is None
+            else [f.value for f in options.boot.firmware],
+            "cmdline": options.boot.cmdline,
+        },
     }
 
 
@@ -160,6 +189,16 @@ def to_json(manifest: RunManifest) -> dict[str, Any]:
         }
         data["root_partition"] = fs.root_partition
         data["root_partuuid"] = fs.root_partuuid
+    boot = manifest.bootloader
+    if boot is not None:
+        data["bootloader"] = {
+            "firmware": list(boot.firmware),
+            "bios_core": boot.bios_core,
+            "efi_loader": boot.efi_loader,
+            "esp_uuid": boot.esp_uuid,
+            "grub_cfg": boot.grub_cfg,
+            "modules": {target: origin for target, origin in boot.modules},
+        }
     return data
 
 

@@ -172,8 +172,12 @@ def build_recipe(
     additions: Sequence[Addition] = (),
     force: bool = False,
     keep_identity: bool = False,
+    firmware: tuple[conv.Firmware, ...] | None = None,
+    cmdline: str | None = None,
 ) -> RunResult:
     """``oci2disk build``: build the recipe's image, then write every output it names.
+
+    ``firmware`` and ``cmdline`` (--firmware, --cmdline) override the recipe's [boot].
 
     ``builder`` is "docker", "buildah" or "auto" (the Docker Engine when one answers,
     else buildah); ``platform`` (OS/ARCH) overrides the recipe's build.platform.
@@ -186,6 +190,10 @@ def build_recipe(
         rcp = replace(rcp, build=replace(rcp.build, args={**rcp.build.args, **build_args}))
     if platform:
         rcp = replace(rcp, build=replace(rcp.build, platform=str(Platform.parse(platform))))
+    if firmware is not None:
+        rcp = replace(rcp, boot=replace(rcp.boot, firmware=firmware))
+    if cmdline is not None:
+        rcp = replace(rcp, boot=replace(rcp.boot, cmdline=cmdline))
     outdir = (outdir or Path("out") / rcp.name).absolute()
     outdir.mkdir(parents=True, exist_ok=True)
     wanted = formats or rcp.outputs.formats

@@ -18,6 +18,7 @@ from oci2disk.build.spec import BuildSpec
 from oci2disk.compression import Compression
 from oci2disk.convert.formats import Format
 from oci2disk.convert.options import (
+    BootSpec,
     DiskSpec,
     FstabMode,
     FsType,
@@ -74,6 +75,7 @@ class Recipe:
     kernel: KernelSpec = field(default_factory=KernelSpec)
     squashfs: SquashfsSpec = field(default_factory=SquashfsSpec)
     iso: IsoSpec = field(default_factory=IsoSpec)
+    boot: BootSpec = field(default_factory=BootSpec)
 
 
 def load(recipe_dir: Path) -> Recipe:
@@ -108,6 +110,7 @@ def load(recipe_dir: Path) -> Recipe:
             kernel=settings.kernel_spec(values),
             squashfs=settings.squashfs_spec(values),
             iso=settings.iso_spec(values),
+            boot=settings.boot_spec(values),
         )
     except settings.Problem as exc:
         value = values.get(exc.key)

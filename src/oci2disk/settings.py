@@ -25,7 +25,9 @@ from oci2disk.convert.options import (
     ARCHIVE_COMPRESSIONS,
     QCOW2_COMPRESSIONS,
     VOLUME_ID_MAX,
+    BootSpec,
     DiskSpec,
+    Firmware,
     FstabMode,
     FsType,
     InitramfsSpec,
@@ -217,6 +219,25 @@ def formats(value: Any) -> tuple[Format, ...]:
         if fmt not in found:
             found.append(fmt)  # duplicates collapse, order is kept
     return tuple(found)
+
+
+def firmware(value: Any) -> tuple[Firmware, ...]:
+    """``["bios", "uefi"]``, ``"uefi"`` or ``"none"`` (no bootloader): firmwares to boot with."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise Invalid('a list of firmwares like ["bios", "uefi"], or "none"')
+    names = [n.strip().lower() for n in names if n.strip()]
+    if names == ["none"] or not names:
+        return ()
+    found: list[Firmware] = []
+    for name in names:
+        try:
+            kind = Firmware(name)
+        except ValueError:
+            raise Invalid(f"bios, uefi or none, not {name!r}") from None
+        if kind not in found:
+            found.append(kind)
+    return tuple(sorted(found, key=list(Firmware).index))
 
 
 def file_name(value: Any) -> str:
@@ -420,6 +441,23 @@ SETTINGS: tuple[Setting[Any], ...] = (
         "squashfs block size: a power of two from 4K to 1M (default 128K)",
     ),
     Setting("squashfs.xattrs", None, boolean, True, "keep xattrs in the squashfs image"),
+    Setting(
+        "boot.firmware",
+        "--firmware",
+        firmware,
+        None,
+        "the firmwares the disk boots with: bios,uefi, bios, uefi or none (default: "
+        "bios,uefi on x86-64 and uefi on arm64 when the image has a kernel in /boot)",
+        metavar="FIRMWARE[,FIRMWARE]",
+        cli_kind=CliKind.LIST,
+    ),
+    Setting(
+        "boot.cmdline",
+        "--cmdline",
+        text,
+        "",
+        "kernel command line added to the default one (root=UUID=..., consoles, ro)",
+    ),
     Setting("iso.append", "--iso-append", text, "", "iso: extra kernel command line"),
     Setting("iso.volume_id", "--iso-volume-id", volume_id, "OCI2DISK", "iso: volume id"),
     Setting(
@@ -490,7 +528,37 @@ def disk_spec(values: Values) -> DiskSpec:
         fstab=get(values, "disk.fstab"),
         root_partition=number or 1,
         fstab_all_outputs="disk.fstab" in values,
+        table_given="disk.table" in values,
     )
+
+
+def boot_spec(values: Values) -> BootSpec:
+    """The bootloaders asked for, refused where the disk layout cannot hold them."""
+    chosen: tuple[Firmware, ...] | None = get(values, "boot.firmware")
+    if chosen:
+        table: Table = get(values, "disk.table")
+        names = ",".join(f.value for f in chosen)
+        if table is Table.NONE:
+            raise Problem(
+                "boot.firmware",
+                f'no firmware with table = "none": a bare filesystem has no room for a '
+                f"bootloader (firmware {names} needs a partition table; use table gpt, or "
+                f"firmware none)",
+            )
+        if Firmware.UEFI in chosen and table is Table.MBR and "disk.table" in values:
+            raise Problem(
+                "boot.firmware",
+                'bios only with table = "mbr": UEFI boot needs an EFI system partition in '
+                "a GPT (use table gpt, or firmware bios)",
+            )
+        number: int | None = get(values, "disk.root_partition")
+        if number not in (None, 1):
+            raise Problem(
+                "boot.firmware",
+                "firmware none with root_partition: a disk with bootloaders keeps the "
+                "root filesystem in partition 1 (as Debian's cloud images do)",
+            )
+    return BootSpec(chosen, get(values, "boot.cmdline"))
 
 
 def compressed(values: Values, section: str) -> tuple[Compression, int | None]:

@@ -19,15 +19,6 @@ from oci2disk.errors import ConvertError
 SECTOR = 512
 MiB = 1 << 20
 
-# So that a missing tool names its package (run.which); belongs in run.DEBIAN_PACKAGES.
-for _program, _package in (
-    ("grub-mkimage", "grub-common"),
-    ("mkfs.fat", "dosfstools"),
-    ("mmd", "mtools"),
-    ("mlabel", "mtools"),
-):
-    run.DEBIAN_PACKAGES.setdefault(_program, _package)
-
 
 class BootloaderError(ConvertError):
     """A bootloader could not be built or written into the disk file."""

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from oci2disk import run
 from oci2disk.bytestreams import sha256_file
-from oci2disk.convert import disk
+from oci2disk.convert import bootable, disk
 from oci2disk.convert.formats import Format
 from oci2disk.convert.job import Job, Stopped
-from oci2disk.convert.options import ConvertOptions
+from oci2disk.convert.options import ConvertOptions, Firmware
 from oci2disk.oci.layout import OciImage
 from oci2disk.progress import SILENT, Progress
 from oci2disk.rootfs.flat import FlatRootfs
@@ -34,6 +34,7 @@ __all__ = [
     "Artifact",
     "ConvertOptions",
     "ConvertResult",
+    "Firmware",
     "Format",
     "Job",
     "convert",
@@ -66,6 +67,7 @@ class ConvertResult:
     generated: tuple[str, ...]
     warnings: tuple[str, ...] = ()  # what an output could not keep (a dir made without root)
     identity: tuple[str, ...] = ()  # machine-id, SSH host keys ... taken out of the outputs
+    bootloader: bootable.Installed | None = None  # what the disk boots with on its own
 
 
 def preflight(formats: Iterable[Format]) -> None:
@@ -126,6 +128,7 @@ def convert(
         generated=(*(e.path for e in job.generated if carried), *job.added),
         warnings=tuple(job.warnings),
         identity=job.identity_edits.paths if edited else (),
+        bootloader=job.installed,
     )
 
 

@@ -24,8 +24,9 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from oci2disk import run
+from oci2disk import bootloader, run
 from oci2disk.arch import Arch
+from oci2disk.convert import bootable
 from oci2disk.convert.options import DiskSpec, FstabMode, FsType, Table
 from oci2disk.convert.plugin import OutputFormat, Tool, named
 from oci2disk.diskimage import partitions
@@ -66,6 +67,7 @@ class DiskLayout:
     fs_offset: int
     fs_bytes: int
     partition: int = 1  # the root filesystem's partition number (when there is a table)
+    boot: bootloader.BootLayout | None = None  # the partitions of a disk with bootloaders
 
     @property
     def root_partition(self) -> int | None:
@@ -137,10 +139,30 @@ def round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
 
-def plan_layout(stats: RootfsStats, spec: DiskSpec) -> DiskLayout:
-    """Pick the disk size and where the filesystem goes; refuse a fixed size that is too small."""
+def plan_layout(
+    stats: RootfsStats, spec: DiskSpec, boot: bootable.BootPlan | None = None
+) -> DiskLayout:
+    """Pick the disk size and where the filesystem goes; refuse a fixed size that is too small.
+
+    With ``boot``, the partitions are those of :func:`bootable.layout` (BIOS boot, ESP,
+    root) and the root filesystem is a whole number of MiB.
+    """
     estimate = estimate_fs_bytes(stats, spec.fs)
     partition = 1
+    if boot is not None and spec.table is not Table.NONE:
+        table = bootable.table_for(boot, spec)
+        extra = bootable.overhead(boot, table)
+        if spec.size is None:
+            fs_bytes = estimate.auto
+        else:
+            fs_bytes = (round_up(spec.size, MiB) - extra) // MiB * MiB
+            if fs_bytes < estimate.minimum:
+                raise too_small(spec.size, estimate, extra)
+        arch = boot.arch
+        boot_layout = bootable.layout(boot, fs_bytes, table, arch)
+        check_max_size(boot_layout.disk_bytes, spec)
+        root = boot_layout.root
+        return DiskLayout(table, boot_layout.disk_bytes, root.start, root.size, 1, boot_layout)
     if spec.table is Table.NONE:
         head, tail = 0, 0
     else:
@@ -155,13 +177,17 @@ def plan_layout(stats: RootfsStats, spec: DiskSpec) -> DiskLayout:
         fs_bytes = (disk_bytes - head - tail) // BLOCK * BLOCK
         if fs_bytes < estimate.minimum:
             raise too_small(spec.size, estimate, head + tail)
+    check_max_size(disk_bytes, spec)
+    return DiskLayout(spec.table, disk_bytes, head, fs_bytes, partition)
+
+
+def check_max_size(disk_bytes: int, spec: DiskSpec) -> None:
     if spec.max_size is not None and disk_bytes > spec.max_size:
         raise ConvertError(
             f"the disk would be {human(disk_bytes)}, more than the recipe's disk.max_size "
             f"{human(spec.max_size)} (the largest disk its target machine can address)",
             hint="make the image smaller or set a smaller disk.size",
         )
-    return DiskLayout(spec.table, disk_bytes, head, fs_bytes, partition)
 
 
 def too_small(size: int, estimate: SizeEstimate, overhead: int) -> ConvertError:
@@ -181,25 +207,29 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def fstab_text(identity: FsIdentity, mode: FstabMode) -> str:
+def fstab_text(identity: FsIdentity, mode: FstabMode, more: str = "") -> str:
     source = f"UUID={identity.uuid}" if mode is FstabMode.UUID else f"LABEL={identity.label}"
     options = "errors=remount-ro" if identity.fs is not FsType.EXT2 else "defaults"
     passno = 1
     return (
         "# /etc/fstab: written by oci2disk for the root filesystem it created\n"
         f"{source}\t/\t{identity.fs.value}\t{options}\t0\t{passno}\n"
-    )
+    ) + more
 
 
-def generated_files(root: Tree, identity: FsIdentity, mode: FstabMode) -> list[ExtraFile]:
-    """Files oci2disk writes into the image (they are listed in the build manifest)."""
+def generated_files(
+    root: Tree, identity: FsIdentity, mode: FstabMode, more_fstab: str = ""
+) -> list[ExtraFile]:
+    """Files oci2disk writes into the image (they are listed in the build manifest).
+
+    ``more_fstab``: lines after the root's (the ESP's, on a disk with UEFI boot)."""
     if mode is FstabMode.NONE:
         return []
     etc = root.lookup("etc")
     if etc is None or etc.kind is not Kind.DIR:
         log.warning("the image has no /etc directory; not writing /etc/fstab")
         return []
-    return [ExtraFile("etc/fstab", fstab_text(identity, mode).encode())]
+    return [ExtraFile("etc/fstab", fstab_text(identity, mode, more_fstab).encode())]
 
 
 @cache
@@ -232,6 +262,8 @@ def partition_table(
     (none when it is 1), then the root partition, with ids derived from the fs UUID."""
     label = partitions.GPT if layout.table is Table.GPT else partitions.MBR
     disk_id = uuidlib.UUID(derive_uuid("disk", identity.uuid))
+    if layout.boot is not None:
+        return boot_partition_table(layout.boot, identity, label, disk_id)
     parts: list[partitions.Partition] = []
     for number in range(1, layout.partition):
         start = PART_START + (number - 1) * PLACEHOLDER_BYTES
@@ -266,6 +298,39 @@ def partition_table(
     return partitions.Table(label, str(disk_id), (*parts, root))
 
 
+def boot_partition_table(
+    boot: bootloader.BootLayout, identity: FsIdentity, label: str, disk_id: uuidlib.UUID
+) -> partitions.Table:
+    """The table of a disk with bootloaders: its partitions as :mod:`bootloader` laid them
+    out, with ids derived from the fs UUID (the root's as on any other disk)."""
+    parts = []
+    for part in boot.partitions:
+        is_root = part.role is bootloader.Role.ROOT
+        parts.append(
+            partitions.Partition(
+                part.number,
+                part.start,
+                part.size,
+                f"0x{part.type}" if label == partitions.MBR else part.type.lower(),
+                label,
+                name=""
+                if label == partitions.MBR
+                else (identity.label or "root")
+                if is_root
+                else part.name,
+                uuid=""
+                if label == partitions.MBR
+                else derive_uuid("partition", identity.uuid)
+                if is_root
+                else derive_uuid("partition", identity.uuid, part.role.value),
+                bootable=part.bootable,
+            )
+        )
+    if label == partitions.MBR:
+        return partitions.Table(label, f"{disk_id.int & 0xFFFFFFFF:08x}", tuple(parts))
+    return partitions.Table(label, str(disk_id), tuple(parts))
+
+
 def write_partition_table(
     path: Path, layout: DiskLayout, identity: FsIdentity, arch: Arch | None
 ) -> None:
@@ -282,6 +347,31 @@ def root_partuuid(layout: DiskLayout, identity: FsIdentity) -> str | None:
     if layout.table is Table.NONE:
         return None
     return partition_table(layout, identity, None).partuuid(layout.partition)
+
+
+def install_bootloaders(
+    boot: bootable.BootPlan,
+    root: Tree,
+    path: Path,
+    layout: DiskLayout,
+    identity: FsIdentity,
+    *,
+    seed: str,
+    epoch: int,
+    workdir: Path,
+) -> bootable.Installed:
+    """GRUB into the disk file whose table and root filesystem are written."""
+    assert layout.boot is not None
+    return bootable.install(
+        boot,
+        root,
+        path,
+        layout.boot,
+        root_uuid=identity.uuid,
+        seed=seed,
+        epoch=epoch,
+        workdir=workdir,
+    )
 
 
 def write_filesystem(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 from oci2disk.arch import Arch
-from oci2disk.convert import disk
+from oci2disk.convert import bootable, disk
 from oci2disk.convert.options import ConvertOptions, DiskSpec, Table
 from oci2disk.oci.layout import OciImage
 from oci2disk.progress import Progress
@@ -66,6 +66,20 @@ class Job:
         # only when asked (fstab_all_outputs): their fstab names a filesystem that a tar,
         # cgz or directory does not have.
         self.generated: list[ExtraFile] = disk.generated_files(rootfs, self.identity, spec.fstab)
+        # Decided before any output exists, so that a firmware the image cannot boot
+        # with fails with nothing written.
+        self.arch = Arch.lookup(image.config.architecture)
+        self.boot = bootable.plan(rootfs, self.arch, spec, options.boot)
+        self.installed: bootable.Installed | None = None
+        self._plain = self.generated  # for a bare filesystem: no ESP, no bootloader
+        if self.boot is not None:
+            table = bootable.table_for(self.boot, spec)
+            esp = bootable.fstab_line(image.digest) if self.boot.uefi else ""
+            self.generated = [
+                *disk.generated_files(rootfs, self.identity, spec.fstab, esp),
+                *bootable.rootfs_files(self.boot, self.identity.uuid, table, spec.fstab),
+                *bootable.guest_grub_files(self.boot, rootfs),
+            ]
         self.layout: disk.DiskLayout | None = None
         self._raw: Path | None = None
         self._raw_lock = threading.Lock()
@@ -85,6 +99,13 @@ class Job:
             return self.generated
         return []
 
+    def dirs_for(self, disk_output: bool) -> list[str]:
+        """The directories a disk with bootloaders gets: grub.cfg's, and the ESP's mount
+        point (the image may have them already)."""
+        if self.boot is None or not disk_output:
+            return []
+        return [bootable.GRUB_DIR, *([bootable.ESP_MOUNT] if self.boot.uefi else [])]
+
     @property
     def timestamp(self) -> int:
         """Filesystem creation time: SOURCE_DATE_EPOCH, else when the image was created."""
@@ -93,24 +114,39 @@ class Job:
         return max(_epoch(self.image.config.created), 1)  # 0 means "now" to e2fsprogs
 
     def build_fs(self, path: Path, spec: DiskSpec) -> disk.DiskLayout:
-        layout = disk.plan_layout(self.rootfs.stats, spec)
+        layout = disk.plan_layout(self.rootfs.stats, spec, self.boot)
         with path.open("r+b") as f:
             f.truncate(layout.disk_bytes)
         if layout.table is not Table.NONE:
-            arch = Arch.lookup(self.image.config.architecture)
-            disk.write_partition_table(path, layout, self.identity, arch)
+            disk.write_partition_table(path, layout, self.identity, self.arch)
+        root, extra = self.rootfs, self._plain
+        if layout.boot is not None:
+            extra = self.generated
+            root = root.edited(dirs=self.dirs_for(disk_output=True))
         label = f"mke2fs -d ({self.identity.fs.value}, {disk.human(layout.fs_bytes)})"
         with self.progress.step(f"writing {label} into {path.name}"):
             disk.write_filesystem(
-                self.rootfs,
+                root,
                 path,
                 layout,
                 self.identity,
-                extra=self.generated,
+                extra=extra,
                 timestamp=self.timestamp,
                 wrap=lambda sink: self.stream(sink, "rootfs stream"),
             )
             disk.apply_extra_xattrs(self.rootfs, path, layout, self.workspace.subdir("xattrs"))
+        if layout.boot is not None and self.boot is not None:
+            with self.progress.step(f"installing GRUB for {self.boot.names()} into {path.name}"):
+                self.installed = disk.install_bootloaders(
+                    self.boot,
+                    self.rootfs,
+                    path,
+                    layout,
+                    self.identity,
+                    seed=self.image.digest,
+                    epoch=self.timestamp,
+                    workdir=self.workspace.subdir("bootloader"),
+                )
         return layout
 
     def raw_disk(self) -> Path:

@@ -58,6 +58,24 @@ class DiskSpec:
     # Also write /etc/fstab into the outputs that are not disks (tar, cgz, dir): only
     # when asked, since no ext filesystem exists there for it to name.
     fstab_all_outputs: bool = False
+    # Whether the table was chosen (recipe or flag): when not, a disk with UEFI boot is
+    # GPT, since UEFI firmware looks for the ESP in a GPT.
+    table_given: bool = False
+
+
+class Firmware(enum.Enum):
+    """A firmware a disk gets a bootloader for."""
+
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """``[boot]`` / ``--firmware`` and ``--cmdline``: the bootloaders written into disks."""
+
+    firmware: tuple[Firmware, ...] | None = None  # None: what the image's arch and /boot allow
+    cmdline: str = ""  # appended to the default command line (root, consoles, ro)
 
 
 @dataclass(frozen=True)
@@ -162,6 +180,7 @@ class ConvertOptions:
     # Replace a directory output that is not empty (--force; the caller has checked
     # that oci2disk made it, since everything else in it is deleted).
     replace: bool = False
+    boot: BootSpec = field(default_factory=BootSpec)
 
     @classmethod
     def from_recipe(
@@ -177,6 +196,7 @@ class ConvertOptions:
             kernel=rcp.kernel,
             squashfs=rcp.squashfs,
             iso=rcp.iso,
+            boot=rcp.boot,
         )
 
 
@@ -204,3 +224,5 @@ class RecipeOptions(Protocol):
     def squashfs(self) -> SquashfsSpec: ...
     @property
     def iso(self) -> IsoSpec: ...
+    @property
+    def boot(self) -> BootSpec: ...

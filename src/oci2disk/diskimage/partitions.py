@@ -340,11 +340,14 @@ def _sfdisk_line(label: str, part: Partition) -> str:
             f"partition {part.number} is not a whole number of {SECTOR}-byte sectors"
         )
     fields = [f"start={part.start // SECTOR}", f"size={part.size // SECTOR}"]
+    # sfdisk numbers partitions by the digits that end this name, so that a disk with
+    # bootloaders can keep its root as 1 and put the BIOS boot and ESP at 14 and 15.
+    named = f"/dev/p{part.number} : "
     if label == MBR:
         fields.append(f"type={part.type.removeprefix('0x')}")
         if part.bootable:
             fields.append("bootable")
-        return ", ".join(fields)
+        return named + ", ".join(fields)
     if '"' in part.name:
         raise PartitionTableError(f"GPT partition name {part.name!r} holds a double quote")
     fields.append(f"type={part.type}")
@@ -352,4 +355,4 @@ def _sfdisk_line(label: str, part: Partition) -> str:
         fields.append(f"uuid={part.uuid}")
     if part.name:
         fields.append(f'name="{part.name}"')
-    return ", ".join(fields)
+    return named + ", ".join(fields)
