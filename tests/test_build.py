@@ -99,7 +99,7 @@ def test_build_recipe_to_raw_and_qcow2(recipe: Path, outdir: Path) -> None:
 
     source = manifest["source"]["ref"]
     for artifact in (raw, qcow2):
-        check = oci2disk("verify", str(artifact), "--against", source)
+        check = oci2disk("verify", str(artifact), "--against", source, "--recipe", str(recipe))
         assert check.code == 0, check.stdout + check.stderr
 
 

@@ -143,6 +143,10 @@ BUILDER_DIFFERENCES = {
     ("hardlink", "usr/bin/gpasswd"),
     ("hardlink", "usr/bin/gpasswd-hardlink"),
     ("content", "etc/group-"),
+    # The filesystem UUID derives from the image digest, which differs between the
+    # builders, and /etc/fstab names it.
+    ("fs-uuid", "."),
+    ("content", "etc/fstab"),
 }
 
 

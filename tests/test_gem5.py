@@ -562,7 +562,12 @@ def read(fs: extfs.ExtFs, path: str) -> str:
 @pytest.mark.slow
 @pytest.mark.docker
 def test_gem5_disk_holds_exactly_the_image(gem5_build: Path) -> None:
-    result = oci2disk("verify", str(gem5_build / "disk.raw"), "--against", f"docker-daemon:{IMAGE}")
+    # verify expects what the recipe writes: its label, its UUID, its fstab
+    recipe = str(ROOT / "recipes" / "gem5-debian")
+    result = oci2disk(
+        "verify", str(gem5_build / "disk.raw"), "--against", f"docker-daemon:{IMAGE}",
+        "--recipe", recipe,
+    )  # fmt: skip
     assert result.code == 0, result.stdout + result.stderr
     assert "equal" in result.stdout + result.stderr
 

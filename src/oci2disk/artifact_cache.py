@@ -84,6 +84,7 @@ def store(
         "layout": None if result.layout is None else _canonical(result.layout),
         "generated": list(result.generated),
         "warnings": list(result.warnings),
+        "identity": list(result.identity),
     }
     cache.store_artifacts(entry_key, files, meta)
     cache.remember_placed(entry_key, [a.path for a in result.artifacts])
@@ -118,6 +119,7 @@ def reuse(cache: Cache, entry_key: str, outputs: Mapping[Format, Path]) -> Conve
             ),
             generated=tuple(meta["generated"]),
             warnings=tuple(meta["warnings"]),
+            identity=tuple(meta["identity"])  # an entry from before: a miss
         )
         sources = [entry.file(a["file"]) for a in meta["artifacts"]]
     except (KeyError, TypeError, ValueError):

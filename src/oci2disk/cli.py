@@ -1,7 +1,7 @@
 """Command line: the only place that parses argv, prints, and picks exit codes.
 
 Exit codes: 0 success, 1 error (or verify found differences / boot did not match),
-2 usage, 130 interrupted.
+2 usage, 3 verify could not verify, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -55,6 +55,17 @@ CONVERT_SETTINGS = (
     "boot.cmdline",
 )
 LEVEL_OF = {Format.CGZ: "initramfs.level", Format.TAR: "tar.level"}
+# What verify expects is what a conversion with these options writes (given as then).
+VERIFY_SETTINGS = (
+    "disk.table",
+    "disk.fs",
+    "disk.label",
+    "disk.uuid",
+    "disk.fstab",
+    "initramfs.init",
+    "outputs.keep_identity",
+)
+COULD_NOT_VERIFY = 3
 
 
 def _dest(setting: Setting[Any]) -> str:
@@ -208,6 +219,14 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--partition", type=int, help="partition number (default: the root one)")
     v.add_argument("--ignore", action="append", default=[], metavar="PATH")
     v.add_argument("--platform")
+    v.add_argument(
+        "--recipe",
+        type=Path,
+        metavar="RECIPE_DIR",
+        help="expect what `build RECIPE_DIR` writes (its label, UUID, fstab, init ...)",
+    )
+    for key in VERIFY_SETTINGS:
+        add_setting(v, key)
     _cache_flags(v)
 
     k = sub.add_parser("cache", help="show, verify or prune the cache of layers and outputs")
@@ -490,18 +509,47 @@ def cmd_bootstrap(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
+def verify_options(args: argparse.Namespace) -> ConvertOptions:
+    """The options the artifact was made with: the recipe's, or the flags' (not both)."""
+    values = setting_values(args, VERIFY_SETTINGS)
+    if args.recipe is not None:
+        if values:
+            raise UsageError("verify takes --recipe or conversion flags, not both")
+        from oci2disk import recipe
+
+        return ConvertOptions.from_recipe(recipe.load(args.recipe))
+    try:
+        return ConvertOptions(
+            settings.disk_spec(values),
+            source_date_epoch=settings.source_date_epoch(),
+            initramfs=settings.initramfs_spec(values),
+            keep_identity=settings.get(values, "outputs.keep_identity"),
+        )
+    except settings.Problem as exc:
+        raise _problem(exc) from None
+
+
 def cmd_verify(args: argparse.Namespace, progress: Progress) -> int:
     from oci2disk.oci.layout import Platform
     from oci2disk.pipeline import verify_artifact
 
-    report = verify_artifact(
-        args.artifact,
-        args.against,
-        ignore=tuple(args.ignore),
-        partition=args.partition,
-        platform=Platform.parse(args.platform) if args.platform else None,
-        progress=progress,
-    )
+    options = verify_options(args)
+    try:
+        report = verify_artifact(
+            args.artifact,
+            args.against,
+            ignore=tuple(args.ignore),
+            partition=args.partition,
+            platform=Platform.parse(args.platform) if args.platform else None,
+            progress=progress,
+            options=options,
+        )
+    except UsageError:
+        raise
+    except Oci2DiskError as exc:  # not "different": nothing could be compared
+        _print_error(exc, args.debug)
+        print(f"{args.artifact}: could not verify", file=sys.stderr)
+        return COULD_NOT_VERIFY
     if args.json:
         print(
             json.dumps(

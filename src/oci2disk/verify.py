@@ -22,8 +22,11 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from oci2disk import manifest, run
+from oci2disk import run
 from oci2disk.compression import open_decompressed
+from oci2disk.convert.cpio import initramfs_additions
+from oci2disk.convert.job import Job
+from oci2disk.convert.options import ConvertOptions
 from oci2disk.diskimage import extfs, qemuimg
 from oci2disk.errors import VerifyError
 from oci2disk.oci.layout import Platform
@@ -220,6 +223,10 @@ class Reader:
     open: Callable[[Path, ReadOptions], AbstractContextManager[Tree]]
     has_xattrs: bool = True  # newc cpio has no field for them
     made_paths: tuple[str, ...] = ()  # paths the writer adds itself (mke2fs: lost+found)
+    # what the artifact holds beyond its tree that oci2disk would not have written
+    # (a filesystem label or UUID other than the options', immutable inode flags, a
+    # second archive after a cpio's trailer): one Difference each
+    checks: Callable[[Tree, Job], list[Difference]] | None = None
 
 
 @contextmanager
@@ -251,10 +258,36 @@ def open_directory(artifact: Path, options: ReadOptions) -> Iterator[Tree]:
     yield DirectoryTree(artifact)
 
 
+def disk_checks(tree: Tree, job: Job) -> list[Difference]:
+    """The filesystem's label and UUID are the options', and no inode is made immutable."""
+    assert isinstance(tree, extfs.ExtFs)
+    want = job.identity
+    found = [
+        Difference(".", what, expected, actual)
+        for what, expected, actual in (
+            ("fs-uuid", want.uuid, tree.uuid),
+            ("fs-label", want.label, tree.label),
+        )
+        if expected != actual
+    ]
+    for path, flags in sorted(tree.flagged.items()):
+        shown = ", ".join(n for bit, n in extfs.SHOWN_FLAGS.items() if flags & bit)
+        found.append(Difference(path, "flags", "", shown))
+    return found
+
+
+def cpio_checks(tree: Tree, job: Job) -> list[Difference]:
+    """Nothing after the trailer: the kernel would unpack a second archive over the first."""
+    assert isinstance(tree, CpioTree)
+    if tree.trailing is None:
+        return []
+    return [Difference(".", "trailing", "nothing after the trailer", f"data at {tree.trailing}")]
+
+
 READERS: dict[ArtifactKind, Reader] = {
-    ArtifactKind.DISK: Reader(open_disk, made_paths=("lost+found",)),
+    ArtifactKind.DISK: Reader(open_disk, made_paths=("lost+found",), checks=disk_checks),
     ArtifactKind.TAR: Reader(open_tar),
-    ArtifactKind.CPIO: Reader(open_cpio, has_xattrs=False),
+    ArtifactKind.CPIO: Reader(open_cpio, has_xattrs=False, checks=cpio_checks),
     ArtifactKind.DIR: Reader(open_directory),
 }
 
@@ -291,20 +324,28 @@ def verify_artifact(
     partition: int | None = None,
     platform: Platform | None = None,
     progress: Progress = SILENT,
+    options: ConvertOptions | None = None,
 ) -> VerifyReport:
-    """``oci2disk verify``: what ``artifact`` holds against the flattened ``source``.
+    """``oci2disk verify``: what ``artifact`` holds against ``source`` as oci2disk writes it.
 
-    Paths the artifact's manifest lists as generated (etc/fstab) and those its writer
-    makes itself (lost+found) are ignored, with ``ignore``.
+    The expected side is the flattened image with what a conversion with ``options``
+    changes: the identity edits (unless keep_identity; not in a tar), the generated files
+    (/etc/fstab in a disk, /init in a cgz) compared with what oci2disk writes, and for a
+    disk the filesystem's label and UUID. Nothing is taken from the manifest beside the
+    artifact: whoever can change the artifact can change that file too. Only the writer's
+    own empty directories (lost+found, not what is in it) and ``ignore`` are skipped.
     """
     from oci2disk.rootfs.flatten import flatten
 
-    if not artifact.exists():
-        raise VerifyError(f"{artifact}: no such file or directory")
-    known = manifest.find_for_artifact(artifact)
+    options = options or ConvertOptions()
+    if not os.path.lexists(artifact):
+        raise VerifyError(
+            f"{artifact}: no such file or directory",
+            hint="give the path of a disk, cgz, tar or directory oci2disk made",
+        )
     kind = artifact_kind(artifact)
     reader = READERS[kind]
-    ignored = (*reader.made_paths, *(known.generated if known else ()), *ignore)
+    ignored = tuple(ignore)
     ref = parse_ref(source)
     with Workspace() as ws:
         with progress.step(f"opening {ref}"):
@@ -312,12 +353,29 @@ def verify_artifact(
         with progress.step(f"reading {len(image.layers)} layer(s) of {image.digest[:19]}"):
             rootfs = flatten(image, ws.subdir("flatten"))
         with rootfs, progress.step("hashing the image's files"):
-            expected = list(with_digests(rootfs))
+            job = Job(image, rootfs, options, ws, SILENT)
+            expected = _as_written(job, kind)
         if not reader.has_xattrs:
             expected = [replace(e, xattrs=()) for e in expected]
-        options = ReadOptions(ws.subdir("read"), partition, progress)
-        with progress.step(f"reading the {kind.value}"), reader.open(artifact, options) as tree:
+        read = ReadOptions(ws.subdir("read"), partition, progress)
+        with progress.step(f"reading the {kind.value}"), reader.open(artifact, read) as tree:
             actual = list(with_digests(tree))
+            found = reader.checks(tree, job) if reader.checks is not None else []
+        made = set(reader.made_paths)
+        actual = [a for a in actual if a.path not in made or a.kind is not Kind.DIR]
+        expected = [e for e in expected if e.path not in made]
         with progress.step("comparing every path"):
-            differences = compare(expected, actual, ignore=ignored)
-    return VerifyReport(tuple(differences), ignored, len(expected))
+            differences = found + compare(expected, actual, ignore=ignored)
+    return VerifyReport(tuple(differences), (*reader.made_paths, *ignored), len(expected))
+
+
+def _as_written(job: Job, kind: ArtifactKind) -> list[Entry]:
+    """The entries (with digests) a conversion writes into an artifact of ``kind``."""
+    base = job.plain_rootfs if kind is ArtifactKind.TAR else job.rootfs
+    extra = job.extra_for(disk_output=kind is ArtifactKind.DISK)
+    view = base.edited(files=extra) if extra else base
+    entries = {e.path: e for e in with_digests(view)}
+    if kind is ArtifactKind.CPIO:
+        for added in initramfs_additions(view, job.options.initramfs, 0):
+            entries[added.path] = added
+    return list(entries.values())

@@ -115,6 +115,9 @@ INCOMPAT_EXT23 = INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_BG
 RO_COMPAT_EXT23 = 0x1 | 0x2 | 0x4
 
 # Inode flags.
+FL_IMMUTABLE = 0x10
+FL_APPEND = 0x20
+SHOWN_FLAGS = {FL_IMMUTABLE: "immutable", FL_APPEND: "append-only"}  # chattr +i, +a
 FL_HUGE_FILE = 0x40000
 FL_EXTENTS = 0x80000
 FL_EA_INODE = 0x200000
@@ -266,6 +269,7 @@ class ExtFs:
             raise self._corrupt(f"group descriptor size {self.desc_size} is not possible")
         self.group_count = -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
         self.uuid = str(uuid.UUID(bytes=sb[0x68:0x78]))
+        self.flagged: dict[str, int] = {}  # paths whose inode is immutable or append-only
         self.label = sb[0x78:0x88].split(b"\0", 1)[0].decode("utf-8", "replace")
         self.features = frozenset(
             name
@@ -760,6 +764,8 @@ class ExtFs:
             path, number = item
             inode = self._inode(number)
             entry = self._entry(path, inode)
+            if inode.flags & (FL_IMMUTABLE | FL_APPEND):
+                self.flagged[path] = inode.flags & (FL_IMMUTABLE | FL_APPEND)
             yield entry, number
             if entry.kind is Kind.DIR:
                 if number in seen_dirs:

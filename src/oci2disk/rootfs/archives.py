@@ -222,6 +222,7 @@ class CpioTree(_ArchiveTree):
     def __init__(self, path: Path) -> None:
         with Path(path).open("rb") as raw, decompressed(raw) as stream:
             entries, data = _read_cpio(stream)
+            self.trailing = _after_trailer(stream, raw)
         super().__init__(entries, data, Path(path))
 
     @classmethod
@@ -231,6 +232,21 @@ class CpioTree(_ArchiveTree):
         entries, data = _read_cpio(stream)
         _ArchiveTree.__init__(tree, entries, data, None)
         return tree
+
+
+def _after_trailer(stream: BinaryIO, raw: BinaryIO) -> int | None:
+    """Where data other than zero padding follows the trailer (None: nothing does).
+
+    The kernel unpacks every archive concatenated to an initramfs, compressed or not,
+    so anything there would be unpacked over the first archive's files.
+    """
+    try:
+        while chunk := stream.read(CHUNK):
+            if chunk.strip(b"\0"):
+                return raw.tell()
+    except (OSError, EOFError, ValueError):  # not more of the compressed stream: another one
+        return raw.tell()
+    return None
 
 
 class _Counted:
