@@ -188,6 +188,11 @@ def build_recipe(
     rcp = recipe.load(recipe_dir)
     if build_args:
         rcp = replace(rcp, build=replace(rcp.build, args={**rcp.build.args, **build_args}))
+    if source_date_epoch is not None and "SOURCE_DATE_EPOCH" not in rcp.build.args:
+        # A Dockerfile that declares ARG SOURCE_DATE_EPOCH gets it: initramfs-tools, dpkg
+        # and most build tools then date what they make by it, not by the clock.
+        sde = {"SOURCE_DATE_EPOCH": str(source_date_epoch)}
+        rcp = replace(rcp, build=replace(rcp.build, args={**rcp.build.args, **sde}))
     if platform:
         rcp = replace(rcp, build=replace(rcp.build, platform=str(Platform.parse(platform))))
     if firmware is not None:
