@@ -258,3 +258,14 @@ def test_a_no_op_run_leaves_untouched_outputs_and_restores_changed_ones(
     again = convert(tiny_image, output, cache_dir, engine)
     assert "re-used from the cache" in again.stderr
     assert output.read_bytes() == good
+
+
+def test_quiet_runs_print_nothing_and_others_name_the_engine_transfer(
+    tiny_image: str, tmp_path: Path
+) -> None:
+    args = ["convert", f"docker-daemon:{tiny_image}", "-f", "tar", "--no-cache"]
+    quiet = oci2disk("-q", *args, "-o", os.fspath(tmp_path / "q.tar"))
+    assert quiet.code == 0 and quiet.stderr == "", quiet.stderr
+    shown = oci2disk(*args, "-o", os.fspath(tmp_path / "v.tar"))
+    assert shown.code == 0, shown.stderr
+    assert f"opening docker-daemon:{tiny_image}: done in" in shown.stderr

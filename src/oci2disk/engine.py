@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oci2disk import progress
 from oci2disk.errors import BuildError, ImageError, Oci2DiskError
 from oci2disk.oci import cache
 from oci2disk.oci.layout import OciImage, image_from_docker_archive, layout_from_docker_archive
@@ -204,7 +205,11 @@ def save_to_layout(name: str, layout: Path, tag: str | None = None) -> OciImage:
             return cached
     try:
         chunks = api.get_image(name, chunk_size=1 << 20)
-        stream = io.BufferedReader(_ChunkReader(iter(chunks)), buffer_size=1 << 20)
+        stream = progress.current().reading(
+            io.BufferedReader(_ChunkReader(iter(chunks)), buffer_size=1 << 20),
+            f"docker save {name}",
+            _int(info.get("Size")),
+        )
         if store is None:
             return layout_from_docker_archive(stream, layout, tag)
         image = image_from_docker_archive(stream, store.root)
@@ -214,6 +219,10 @@ def save_to_layout(name: str, layout: Path, tag: str | None = None) -> OciImage:
         raise
     except Exception as exc:
         raise ImageError(f"docker save of {name} failed: {short(exc)}") from None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def import_rootfs(tar_path: Path, name: str, tag: str, *, changes: Iterable[str] = ()) -> str:

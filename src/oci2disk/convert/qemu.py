@@ -26,7 +26,8 @@ def vm_format(name: str, summary: str, suffix: str, aliases: tuple[str, ...] = (
 
     def write(job: Job, out: Path) -> None:
         raw = job.raw_disk()
-        with job.progress.step(f"qemu-img convert to {name}"):
+        step = job.progress.step(f"qemu-img convert to {name}")
+        with step, job.progress.watching(out, f"qemu-img {name}"):
             qemuimg.convert(raw, name, out, job.options.compression)
 
     return OutputFormat(
