@@ -119,7 +119,7 @@ def reuse(cache: Cache, entry_key: str, outputs: Mapping[Format, Path]) -> Conve
             ),
             generated=tuple(meta["generated"]),
             warnings=tuple(meta["warnings"]),
-            identity=tuple(meta["identity"])  # an entry from before: a miss
+            identity=tuple(meta["identity"]),  # an entry from before: a miss
         )
         sources = [entry.file(a["file"]) for a in meta["artifacts"]]
     except (KeyError, TypeError, ValueError):

@@ -15,13 +15,43 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any, BinaryIO, cast
 
-from oci2disk.errors import CommandError, ToolMissingError
+from oci2disk.errors import CommandError, Oci2DiskError, ToolMissingError
 
 log = logging.getLogger("oci2disk.run")
+
+# Every child still running, so that SIGTERM or Ctrl-C stops them too: a signal sent
+# to oci2disk alone (timeout, CI cancellation, docker stop) would leave a qemu-img or
+# mke2fs writing on with nobody to remove its output.
+_children: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
+_children_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def _popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    with _children_lock:
+        if _stopping.is_set():
+            raise Oci2DiskError(f"not starting {argv[0]}: oci2disk is stopping")
+        proc = subprocess.Popen(argv, **kwargs)
+        _children.add(proc)
+    return proc
+
+
+def stop_children() -> None:
+    """Kill every child still running and start no more (the run is being stopped)."""
+    with _children_lock:
+        _stopping.set()
+        running = list(_children)
+    for proc in running:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+
 
 # Program -> Debian package that ships it, for "install X (Debian package Y)".
 DEBIAN_PACKAGES: dict[str, str] = {
@@ -115,20 +145,25 @@ def run(
     resolved = [which(argv[0]), *argv[1:]]
     log.debug("run: %s", format_argv(resolved))
     full_env = _environment(env, parsed)
-    kwargs: dict[str, Any] = {}
     if input is not None:
-        kwargs["input"] = input
-    else:
-        kwargs["stdin"] = stdin if stdin is not None else subprocess.DEVNULL
-    proc = subprocess.run(
+        stdin = subprocess.PIPE
+    elif stdin is None:
+        stdin = subprocess.DEVNULL
+    child = _popen(
         resolved,
+        stdin=stdin,
         stdout=subprocess.PIPE if capture else None,
         stderr=subprocess.PIPE,
         env=full_env,
         cwd=cwd,
-        check=False,
-        **kwargs,
     )
+    with child:
+        try:
+            out, err = child.communicate(input)
+        except BaseException:
+            child.kill()
+            raise
+    proc = subprocess.CompletedProcess(resolved, child.wait(), out, err)
     if check and proc.returncode != 0:
         raise command_error(resolved, proc.returncode, proc.stderr or b"", what=what, hint=hint)
     return proc
@@ -147,7 +182,7 @@ def start(
     resolved = [which(argv[0]), *argv[1:]]
     log.debug("start: %s", format_argv(resolved))
     full_env = _environment(env, parsed)
-    return subprocess.Popen(
+    return _popen(
         resolved,
         stdin=stdin if stdin is not None else subprocess.DEVNULL,
         stdout=stdout,
