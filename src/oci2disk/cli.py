@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import tempfile
-import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oci2disk import __version__, build, manifest, run, settings
+from oci2disk import __version__, build, manifest, settings
 from oci2disk.convert import ConvertOptions, Format
 from oci2disk.errors import Oci2DiskError, UsageError
 from oci2disk.oci import cache
@@ -66,6 +64,8 @@ VERIFY_SETTINGS = (
     "disk.fstab",
     "initramfs.init",
     "outputs.keep_identity",
+    "boot.firmware",
+    "boot.cmdline",
 )
 COULD_NOT_VERIFY = 3
 
@@ -310,13 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     progress = SILENT if args.quiet else stderr_progress()
-    _stop_on_signals()
     try:
         with cache.using(_cache(args)):
             return COMMANDS[args.command](args, progress)
-    except Terminated:
-        print("\nterminated", file=sys.stderr)
-        return 143
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -326,28 +322,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Oci2DiskError as exc:
         _print_error(exc, args.debug)
         return 1
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: stopped like Ctrl-C (every cleanup runs), with exit code 143."""
-
-
-def _stop_on_signals() -> None:
-    """SIGTERM and SIGINT kill the children first, then unwind like Ctrl-C.
-
-    Only oci2disk gets a SIGTERM (timeout, CI cancellation, docker stop), not its
-    children: they are killed here so that none writes on, and the exception that
-    follows removes the temporary outputs and the workspace.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        run.stop_children()
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
 
 
 def _cache_flags(p: argparse.ArgumentParser) -> None:
@@ -552,6 +526,7 @@ def verify_options(args: argparse.Namespace) -> ConvertOptions:
             source_date_epoch=settings.source_date_epoch(),
             initramfs=settings.initramfs_spec(values),
             keep_identity=settings.get(values, "outputs.keep_identity"),
+            boot=settings.boot_spec(values),
         )
     except settings.Problem as exc:
         raise _problem(exc) from None

@@ -27,7 +27,7 @@ from oci2disk.compression import open_decompressed
 from oci2disk.convert.cpio import initramfs_additions
 from oci2disk.convert.job import Job
 from oci2disk.convert.options import ConvertOptions
-from oci2disk.diskimage import extfs, qemuimg
+from oci2disk.diskimage import bootfiles, extfs, qemuimg
 from oci2disk.errors import VerifyError
 from oci2disk.oci.layout import Platform
 from oci2disk.progress import SILENT, Progress
@@ -276,6 +276,29 @@ def disk_checks(tree: Tree, job: Job) -> list[Difference]:
     return found
 
 
+def boot_differences(artifact: Path, tree: Tree, job: Job, workdir: Path) -> list[Difference]:
+    """The disk's own bootloaders, those the options ask for: core.img where boot.img
+    points, the ESP's loader, and grub.cfg, each naming the root filesystem's UUID."""
+    assert isinstance(tree, extfs.ExtFs)
+    probed = bootfiles.probe(artifact, workdir)
+    has = probed.found
+    if job.boot is None:
+        return []
+    found = []
+    if job.boot.bios and not has.bios:
+        found.append(Difference("MBR", "bootloader", "GRUB boot.img (BIOS)", "none"))
+    if job.boot.uefi and has.uefi_arch is None:
+        found.append(Difference("ESP", "bootloader", "/EFI/BOOT/BOOT*.EFI (UEFI)", "none"))
+    cfg = None
+    entry = tree.lookup("boot/grub/grub.cfg")
+    if entry is not None and entry.kind is Kind.FILE:
+        with tree.open(entry.path) as f:
+            cfg = f.read()
+    for where, what in bootfiles.problems(probed, tree.uuid, cfg):
+        found.append(Difference(where, "bootloader", "a disk that boots on its own", what))
+    return found
+
+
 def cpio_checks(tree: Tree, job: Job) -> list[Difference]:
     """Nothing after the trailer: the kernel would unpack a second archive over the first."""
     assert isinstance(tree, CpioTree)
@@ -361,6 +384,8 @@ def verify_artifact(
         with progress.step(f"reading the {kind.value}"), reader.open(artifact, read) as tree:
             actual = list(with_digests(tree))
             found = reader.checks(tree, job) if reader.checks is not None else []
+            if kind is ArtifactKind.DISK:
+                found += boot_differences(artifact, tree, job, ws.subdir("boot"))
         made = set(reader.made_paths)
         actual = [a for a in actual if a.path not in made or a.kind is not Kind.DIR]
         expected = [e for e in expected if e.path not in made]
@@ -373,7 +398,8 @@ def _as_written(job: Job, kind: ArtifactKind) -> list[Entry]:
     """The entries (with digests) a conversion writes into an artifact of ``kind``."""
     base = job.plain_rootfs if kind is ArtifactKind.TAR else job.rootfs
     extra = job.extra_for(disk_output=kind is ArtifactKind.DISK)
-    view = base.edited(files=extra) if extra else base
+    dirs = job.dirs_for(disk_output=kind is ArtifactKind.DISK)
+    view = base.edited(files=extra, dirs=dirs) if extra or dirs else base
     entries = {e.path: e for e in with_digests(view)}
     if kind is ArtifactKind.CPIO:
         for added in initramfs_additions(view, job.options.initramfs, 0):

@@ -6,6 +6,7 @@ from a single flat rootfs tarball (``oci2disk bootstrap``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -450,14 +451,19 @@ class LayoutWriter:
 
     def add_stream(self, stream: IO[bytes], media_type: str) -> Descriptor:
         fd, tmpname = tempfile.mkstemp(dir=self.layout / "blobs" / "sha256", prefix=".in-")
-        h = hashlib.sha256()
-        size = 0
-        with os.fdopen(fd, "wb") as out:
-            while chunk := stream.read(CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-        digest = "sha256:" + h.hexdigest()
+        try:
+            h = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            digest = "sha256:" + h.hexdigest()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmpname)
+            raise
         target = blob_path(self.layout, digest)
         os.replace(tmpname, target)
         remember_verified(target, digest)
