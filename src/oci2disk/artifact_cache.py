@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ from oci2disk.convert.disk import DiskLayout, FsIdentity
 from oci2disk.convert.options import ConvertOptions, FsType, Table
 from oci2disk.oci.cache import Cache, clone_file
 from oci2disk.oci.layout import OciImage
+
+log = logging.getLogger("oci2disk.cache")
 
 
 def _canonical(value: object) -> object:
@@ -86,7 +89,11 @@ def store(
         "warnings": list(result.warnings),
         "identity": list(result.identity),
     }
-    cache.store_artifacts(entry_key, files, meta)
+    try:
+        cache.store_artifacts(entry_key, files, meta)
+    except OSError as exc:  # a full disk costs the next run its shortcut, not this run
+        log.warning("cache: outputs not stored (%s)", exc)
+        return
     cache.remember_placed(entry_key, [a.path for a in result.artifacts])
 
 
