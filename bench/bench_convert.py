@@ -52,7 +52,9 @@ def docker_export(image: str, tar: Path) -> None:
         sh("docker", "rm", container)
 
 
-def loop_method(image: str, tar: Path | None, work: Path, size_bytes: int) -> None:
+def loop_method(
+    image: str, tar: Path | None, work: Path, size_bytes: int, *, qcow2: bool = True
+) -> None:
     """The classic way; with ``tar`` given, start from that export instead of the engine."""
     raw, mnt = work / "disk.raw", work / "mnt"
     if tar is None:
@@ -87,7 +89,8 @@ def loop_method(image: str, tar: Path | None, work: Path, size_bytes: int) -> No
             sh("umount", str(mnt))
     finally:
         sh("losetup", "-d", loop)
-    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2"))
+    if qcow2:
+        sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2"))
 
 
 def measure(fn: Callable[[Path], None]) -> tuple[float, int]:
