@@ -7,16 +7,20 @@ Exit codes: 0 success, 1 error (or verify found differences / boot did not match
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oci2disk import __version__, build, manifest, settings
+from oci2disk import __version__, build, manifest, run, settings
 from oci2disk.convert import ConvertOptions, Format
 from oci2disk.errors import Oci2DiskError, UsageError
 from oci2disk.oci import cache
@@ -310,9 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     progress = SILENT if args.quiet else stderr_progress()
+    _stop_on_signals()
     try:
         with cache.using(_cache(args)):
             return COMMANDS[args.command](args, progress)
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -322,6 +330,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Oci2DiskError as exc:
         _print_error(exc, args.debug)
         return 1
+    except OSError as exc:  # what the system refused: said plainly, not as a traceback
+        _print_error(_os_error(exc, args), args.debug)
+        return 1
+
+
+def _os_error(exc: OSError, args: argparse.Namespace) -> Oci2DiskError:
+    from oci2disk.workspace import temp_base
+
+    where = f": {exc.filename}" if exc.filename else ""
+    text = f"{exc.strerror or exc}{where}"
+    if exc.errno == errno.ENOSPC:
+        out = getattr(args, "output", None) or getattr(args, "outdir", None) or Path(".")
+        out = Path(out).absolute()
+        folders = {"the output directory": out if out.is_dir() else out.parent}
+        folders["the temporary files (OCI2DISK_TMPDIR)"] = temp_base()
+        free = "; ".join(f"{what} {path}: {_free(path)} free" for what, path in folders.items())
+        return Oci2DiskError(
+            f"a filesystem is full ({text}); {free}",
+            hint="free space there, or write the outputs (-o) or the temporary files "
+            "(OCI2DISK_TMPDIR) to a filesystem with more room",
+        )
+    if exc.errno == errno.ENAMETOOLONG:
+        return Oci2DiskError(f"{text} (a name holds at most 255 bytes, a path 4096)")
+    if exc.errno == errno.EFBIG:
+        return Oci2DiskError(
+            f"{text}: larger than its filesystem allows", hint="choose a smaller --size"
+        )
+    return Oci2DiskError(text)
+
+
+def _free(path: Path) -> str:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return "unknown"
+    return f"{st.f_bavail * st.f_frsize / (1 << 30):.1f} GiB"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stopped like Ctrl-C (every cleanup runs), with exit code 143."""
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT kill the children first, then unwind like Ctrl-C.
+
+    Only oci2disk gets a SIGTERM (timeout, CI cancellation, docker stop), not its
+    children: they are killed here so that none writes on, and the exception that
+    follows removes the temporary outputs and the workspace.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        run.stop_children()
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def _cache_flags(p: argparse.ArgumentParser) -> None:

@@ -153,6 +153,14 @@ def _hint(address: EngineAddress) -> str:
             "is reachable from here, and DOCKER_TLS_VERIFY/DOCKER_CERT_PATH if it uses TLS; "
             "unset DOCKER_HOST for the local engine"
         )
+    socket = address.url.partition("://")[2]
+    if os.path.exists(socket) and not os.access(socket, os.R_OK | os.W_OK):
+        # The engine runs; this user may not talk to it: starting it would not help.
+        return (
+            f"the engine's socket {socket} exists but this user may not use it (permission "
+            "denied): add the user to its group (sudo usermod -aG docker $USER, then log in "
+            "again), run as a user who may, or use rootless Docker"
+        )
     return (
         "start the engine (`dockerd &`, or ./setup.sh which starts it), or point DOCKER_HOST at one"
     )

@@ -7,6 +7,7 @@ errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -154,10 +155,28 @@ def _build(file: Path, recipe_dir: Path, values: Mapping[str, Any]) -> BuildSpec
     dockerfile = None
     if not image:
         dockerfile = (recipe_dir / (dockerfile_name or "Dockerfile")).resolve()
-        if not dockerfile.is_file():
+        inside = (recipe_dir.resolve(), context)
+        if not any(dockerfile.is_relative_to(folder) for folder in inside):
+            # The engine would read (and echo in its errors) any file of this machine.
             raise RecipeError(
-                f"{file}: build.dockerfile: {dockerfile} does not exist",
+                f"{file}: build.dockerfile: {dockerfile_name!r} leads out of the recipe's "
+                "directory and its build context",
+                hint="keep the Dockerfile in the recipe's directory or its build context",
+            )
+        if not dockerfile.is_file():
+            if not dockerfile.exists():
+                happened = "does not exist"
+            elif dockerfile.is_dir():
+                happened = "is a directory, not a file"
+            else:
+                happened = "is not a regular file"
+            raise RecipeError(
+                f"{file}: build.dockerfile: {dockerfile} {happened}",
                 hint="add a Dockerfile beside recipe.toml or name one with build.dockerfile",
+            )
+        if not os.access(dockerfile, os.R_OK):
+            raise RecipeError(
+                f"{file}: build.dockerfile: {dockerfile} cannot be read (permission denied)"
             )
         if not context.is_dir():
             raise RecipeError(f"{file}: build.context: {context} is not a directory")

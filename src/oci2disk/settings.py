@@ -100,6 +100,8 @@ class Setting(Generic[T]):
 def text(value: Any) -> str:
     if not isinstance(value, str):
         raise Invalid("a string")
+    if "\0" in value:  # no path, argument or file can hold one
+        raise Invalid("a string without NUL bytes")
     return value
 
 
