@@ -8,4 +8,5 @@ O=.venv/bin/oci2disk
 $O bootstrap bookworm --to docker-daemon:oci2disk/debian:bookworm
 $O build recipes/debian-qemu -o out/debian-qemu
 $O verify out/debian-qemu/disk.qcow2 --against docker-daemon:oci2disk-recipe/debian-qemu:latest
-$O boot out/debian-qemu/disk.qcow2 --expect 'login:' --timeout 600
+# the disk boots on its own: SeaBIOS -> the GRUB oci2disk wrote into it (no -kernel)
+$O boot out/debian-qemu/disk.qcow2 --firmware bios --expect 'login:' --timeout 600

@@ -351,6 +351,7 @@ def make_image(
     *,
     diff_ids: Sequence[str] | None = None,
     tag: str = TAG,
+    architecture: str = "amd64",
 ) -> OciImage:
     """Write an OCI layout holding one image made of ``layers`` (bottom first)."""
     writer = LayoutWriter(layout)
@@ -367,7 +368,7 @@ def make_image(
             )
         )
     config = {
-        "architecture": "amd64",
+        "architecture": architecture,
         "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids or computed)},
         "config": {},
