@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from oci2disk.convert.disk import DISK_TOOLS, require_mke2fs
 from oci2disk.convert.plugin import OutputFormat, Tool, named
-from oci2disk.diskimage import qemuimg
+from oci2disk.diskimage import qemuimg, stamps
 
 if TYPE_CHECKING:
     from oci2disk.convert.job import Job
@@ -29,6 +29,9 @@ def vm_format(name: str, summary: str, suffix: str, aliases: tuple[str, ...] = (
         step = job.progress.step(f"qemu-img convert to {name}")
         with step, job.progress.watching(out, f"qemu-img {name}"):
             qemuimg.convert(raw, name, out, job.options.compression)
+        # qemu-img writes random ids and the time into these: the same image, same bytes
+        final = next(t.name for f, t in job.targets.items() if f.name == name)
+        stamps.normalize(out, name, f"{job.image.digest}:{name}", job.timestamp, final)
 
     return OutputFormat(
         name=name,
