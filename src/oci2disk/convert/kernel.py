@@ -12,11 +12,17 @@ Host tools: lz4 (only for an lz4-compressed kernel).
 
 from __future__ import annotations
 
+import bz2
+import io
 import logging
+import lzma
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import zstandard
 
 from oci2disk import run
 from oci2disk.bytestreams import CHUNK
@@ -151,13 +157,54 @@ def _bzimage_payload(data: bytes) -> int | None:
     return start if start < len(data) else None
 
 
+# Far more than any kernel: a small crafted payload that inflates to gigabytes stops here.
+VMLINUX_MAX = 256 << 20
+
+
 def _decompress(codec: Compression, data: bytes, workdir: Path) -> bytes | None:
+    """The payload decompressed: only its head while it may not be ELF, then at most
+    VMLINUX_MAX bytes, so that no payload takes more memory than a kernel would."""
     try:
         if codec is Compression.LZ4:
             return _unlz4(data, workdir)
-        return codec.decompress_bytes(data)
+        if not _inflate(codec, data, len(ELF_MAGIC)).startswith(ELF_MAGIC):
+            return None
+        elf = _inflate(codec, data, VMLINUX_MAX + 1)
     except DECOMPRESS_ERRORS:
         return None
+    if len(elf) > VMLINUX_MAX:
+        raise ConvertError(
+            f"the kernel image's {codec.label} payload decompresses to more than "
+            f"{VMLINUX_MAX >> 20} MiB: that is no kernel",
+            hint="check the image's /boot; drop --vmlinux (vmlinux = true) to skip this",
+        )
+    return elf
+
+
+def _inflate(codec: Compression, data: bytes, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``data`` decompressed, whatever it would inflate to."""
+    if codec is Compression.GZIP:
+        return zlib.decompressobj(wbits=31).decompress(data, limit)
+    if codec in (Compression.XZ, Compression.LZMA):
+        form = lzma.FORMAT_XZ if codec is Compression.XZ else lzma.FORMAT_ALONE
+        return lzma.LZMADecompressor(format=form).decompress(data, max_length=limit)
+    if codec is Compression.BZIP2:
+        return bz2.BZ2Decompressor().decompress(data, max_length=limit)
+    if codec is Compression.ZSTD:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
+        out = bytearray()
+        while len(out) < limit:
+            try:
+                chunk = reader.read(min(CHUNK, limit - len(out)))
+            except zstandard.ZstdError:
+                if not out:
+                    raise
+                break  # the data after the frame (a kernel image goes on)
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+    return codec.decompress_bytes(data)[:limit]
 
 
 def _unlz4(data: bytes, workdir: Path) -> bytes | None:
