@@ -374,7 +374,10 @@ def verify_artifact(
         with progress.step(f"opening {ref}"):
             image = open_image(ref, ws.path, platform)
         with progress.step(f"reading {len(image.layers)} layer(s) of {image.digest[:19]}"):
-            rootfs = flatten(image, ws.subdir("flatten"))
+            # clamped as the conversion clamped them (the UUID derives from them then)
+            rootfs = flatten(
+                image, ws.subdir("flatten"), source_date_epoch=options.source_date_epoch
+            )
         with rootfs, progress.step("hashing the image's files"):
             job = Job(image, rootfs, options, ws, SILENT)
             expected = _as_written(job, kind)

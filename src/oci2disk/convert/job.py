@@ -5,6 +5,7 @@ Host tools: those of :mod:`oci2disk.convert.disk`, for the raw disk.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -58,7 +59,10 @@ class Job:
         self.progress = progress
         spec = options.disk
         self.identity = disk.FsIdentity(
-            uuid=spec.uuid or disk.derive_uuid(image.digest, spec.fs.value, spec.label),
+            uuid=spec.uuid
+            or disk.derive_uuid(
+                uuid_source(image, self.plain_rootfs, options), spec.fs.value, spec.label
+            ),
             label=spec.label,
             fs=spec.fs,
         )
@@ -191,6 +195,33 @@ class Job:
         log.debug("warning: %s", text)
         with self._lock:
             self.warnings.append(text)
+
+
+def uuid_source(image: OciImage, rootfs: FlatRootfs, options: ConvertOptions) -> str:
+    """What the filesystem's UUID (and the partitions', the hash seed) derive from.
+
+    The image digest; with SOURCE_DATE_EPOCH set, the digest of the rootfs's canonical
+    stream instead (file times clamped to it): two from-scratch builds of one Dockerfile
+    hold the same files but have different image digests (their layers record when each
+    file was written), and a reproducible build must give them the same disk.
+    """
+    if options.source_date_epoch is None:
+        return image.digest
+    sink = _Hashing()
+    rootfs.write_tar(cast(BinaryIO, sink))
+    return "rootfs:" + sink.hash.hexdigest()
+
+
+class _Hashing:
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 class _Guarded:
