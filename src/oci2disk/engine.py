@@ -220,7 +220,7 @@ def save_to_layout(name: str, layout: Path, tag: str | None = None) -> OciImage:
         )
         if store is None:
             return layout_from_docker_archive(stream, layout, tag)
-        image = image_from_docker_archive(stream, store.root)
+        image = store.uncompressed(image_from_docker_archive(stream, store.root))
         store.remember_image(image)
         return image
     except Oci2DiskError:

@@ -55,3 +55,22 @@ def test_sizes() -> None:
     assert parse_size("512M") == 512 << 20
     assert parse_size("1.5GiB") == 3 << 29
     assert parse_size("4096") == 4096
+
+
+def test_compressed_layers_are_kept_uncompressed_and_read_in_place(tmp_path: Path) -> None:
+    from layerkit import Layer, directory, file, make_image
+    from oci2disk.oci.layout import MT_OCI_LAYER
+    from oci2disk.rootfs.flatten import flatten
+
+    cache = Cache(tmp_path / "c")
+    with cache.session():
+        gz = Layer([directory("etc"), file("etc/a", b"a" * 5000)], compression="gzip")
+        zst = Layer([file("etc/b", b"b" * 5000)], compression="zstd")
+        image = cache.uncompressed(make_image(cache.root, [gz, zst]))
+        assert [layer.media_type for layer in image.layers] == [MT_OCI_LAYER] * 2
+        assert [layer.digest for layer in image.layers] == list(image.config.diff_ids)
+        cache.remember_image(image)
+        again = cache.image(image.config_descriptor.digest)
+        assert again is not None and again.digest == image.digest
+        with flatten(again, tmp_path / "work") as rootfs:
+            assert {e.path for e in rootfs.entries()} >= {"etc/a", "etc/b"}

@@ -5,8 +5,8 @@ layout, so an image rebuilt from it is an ordinary :class:`OciImage` that flatte
 in place::
 
     oci-layout
-    blobs/sha256/<hex>        layers (as the engine sent them: uncompressed from
-                              ``docker save``), configs and manifests, by digest
+    blobs/sha256/<hex>        layers, uncompressed (by diff_id), configs and
+                              manifests, by digest
     images/<config hex>       "<manifest digest> <size>": the image whose config the
                               engine reports as the image Id (``docker image inspect``)
     artifacts/<key>/          finished outputs and meta.json; key = sha256 of (image
@@ -42,12 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oci2disk.compression import DECOMPRESS_ERRORS
 from oci2disk.errors import ImageError, Oci2DiskError
+from oci2disk.oci.layers import diff_id_error, open_layer
 from oci2disk.oci.layout import (
+    LAYER_COMPRESSION,
+    MT_OCI_LAYER,
     MT_OCI_MANIFEST,
     Descriptor,
+    LayoutWriter,
     OciImage,
     blob_path,
+    canonical_json,
     load_manifest,
     verify_blob,
 )
@@ -190,6 +196,44 @@ class Cache:
             raise ValueError("the image's blobs are not in this cache")
         text = f"{image.manifest.digest} {image.manifest.size}\n"
         _write_atomic(self.images / _hex(image.config_descriptor.digest), text.encode())
+
+    def uncompressed(self, image: OciImage) -> OciImage:
+        """``image`` (its blobs in the cache) with every compressed layer stored
+        uncompressed, by its diff_id: the flattener then reads each layer in place on
+        every later run instead of decompressing it again (Docker >= 25 and registries
+        send gzip or zstd layers)."""
+        if image.layout != self.root:
+            raise ValueError("the image's blobs are not in this cache")
+        if all(LAYER_COMPRESSION[layer.media_type] == "none" for layer in image.layers):
+            return image
+        writer = LayoutWriter(self.root)
+        layers: list[Descriptor] = []
+        for index, desc in enumerate(image.layers):
+            diff_id = image.config.diff_ids[index]
+            if LAYER_COMPRESSION[desc.media_type] == "none":
+                layers.append(desc)
+                continue
+            target = blob_path(self.root, diff_id)
+            if not target.exists():
+                with open_layer(image, desc) as stream:  # the blob's digest checked first
+                    try:
+                        written = writer.add_stream(stream, MT_OCI_LAYER)
+                    except DECOMPRESS_ERRORS as exc:
+                        raise ImageError(
+                            f"layer {desc.digest}: cannot decompress it ({exc})",
+                            hint="the layer blob is corrupt; export the image again",
+                        ) from None
+                if written.digest != diff_id:
+                    _unlink_blob(self.root, written.digest)
+                    raise diff_id_error(desc, index, written.digest, diff_id)
+            layers.append(Descriptor(MT_OCI_LAYER, diff_id, target.stat().st_size))
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_MANIFEST,
+            "config": image.config_descriptor.to_json(),
+            "layers": [layer.to_json() for layer in layers],
+        }
+        return load_manifest(self.root, writer.add_bytes(canonical_json(manifest), MT_OCI_MANIFEST))
 
     def _discard_image(self, pointer: Path, desc: Descriptor) -> None:
         pointer.unlink(missing_ok=True)
