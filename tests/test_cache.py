@@ -269,3 +269,37 @@ def test_quiet_runs_print_nothing_and_others_name_the_engine_transfer(
     shown = oci2disk(*args, "-o", os.fspath(tmp_path / "v.tar"))
     assert shown.code == 0, shown.stderr
     assert f"opening docker-daemon:{tiny_image}: done in" in shown.stderr
+
+
+def test_two_builds_at_once_share_a_cache(tiny_image: str, tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny-recipe"
+    recipe.mkdir()
+    (recipe / "Dockerfile").write_text(f"FROM {tiny_image}\nCOPY note /etc/note\n")
+    (recipe / "note").write_text("built twice at once\n")
+    (recipe / "recipe.toml").write_text(
+        '[build]\ndockerfile = "Dockerfile"\n\n[outputs]\nformats = ["tar"]\n'
+    )
+    cache_dir = tmp_path / "cache"
+    results: dict[str, CliResult] = {}
+
+    def build(name: str) -> None:
+        args = ["build", os.fspath(recipe), "-o", os.fspath(tmp_path / name)]
+        results[name] = oci2disk(*args, "--cache-dir", os.fspath(cache_dir))
+
+    threads = [threading.Thread(target=build, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r.code == 0 for r in results.values()), [r.stderr for r in results.values()]
+    fresh = oci2disk("build", os.fspath(recipe), "-o", os.fspath(tmp_path / "fresh"), "--no-cache")
+    assert fresh.code == 0, fresh.stderr
+    [expected] = (tmp_path / "fresh").glob("*.tar")
+    for name in ("a", "b"):
+        [made] = (tmp_path / name).glob("*.tar")
+        assert made.read_bytes() == expected.read_bytes()
+    with tarfile.open(expected) as tar:
+        note = tar.extractfile("etc/note")
+        assert note is not None and note.read() == b"built twice at once\n"
+    check = oci2disk("cache", "--cache-dir", os.fspath(cache_dir), "--verify")
+    assert check.code == 0 and "removed" not in check.stdout, check.stdout + check.stderr
