@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 from clikit import oci2disk
 from layerkit import Member, device, directory, fifo, file, hardlink, make_image, symlink
 from oci2disk.convert import ConvertOptions, convert
-from oci2disk.convert.directory import extract
+from oci2disk.convert.directory import _xattr_failure, extract
 from oci2disk.errors import ConvertError
 from oci2disk.recipe import Format
 from oci2disk.rootfs import Entry, Kind, with_digests
@@ -117,8 +118,12 @@ def test_without_root_it_keeps_what_it_can_and_says_what_it_could_not(outdir: Pa
     err = result.stderr
     assert "could not keep the owner of" in err and f"running as uid {NOBODY}" in err
     assert "could not create 2 device node(s)" in err and "/dev/null, /dev/sda" in err
-    assert "/usr/bin/ping (security.capability)" in err
-    assert "/usr/share/trusted (trusted.overlay.x)" in err
+    # each xattr with what really happened to it
+    assert "/usr/bin/ping (security.capability: security.* needs root)" in err
+    assert "/usr/share/trusted (trusted.overlay.x: trusted.* needs root)" in err
+    # a setuid file owned by the invoking user runs as that user: said, not silent
+    assert f"set-user/group-ID file(s) now belong to uid {NOBODY}" in err
+    assert "/usr/bin/su" in err.split("set-user/group-ID")[1].splitlines()[0]
     assert "run oci2disk as root for an exact copy" in err
 
     got = {r.path: r for r in directory_entries(target)}
@@ -191,3 +196,24 @@ def test_extraction_never_writes_through_a_symlink(tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match="cannot open /evil as a directory"):
         extract(hostile, target)
     assert list(outside.iterdir()) == []
+
+
+def test_a_sparse_file_stays_sparse(tmp_path: Path) -> None:
+    data = b"head" + bytes(8 << 20) + b"tail"
+    image = image_of(tmp_path, [directory("srv"), file("srv/sparse", data)])
+    target = tmp_path / "nfsroot"
+    convert_to(image, {Format.DIR: target})
+    written = target / "srv/sparse"
+    assert written.read_bytes() == data
+    assert written.stat().st_blocks * 512 < 1 << 20  # the zeros are holes, not blocks
+
+
+def test_xattr_failures_say_what_happened() -> None:
+    denied = OSError(errno.EPERM, "Operation not permitted")
+    unsupported = OSError(errno.EOPNOTSUPP, "Operation not supported")
+    assert _xattr_failure("security.capability", denied) == "security.* needs root"
+    acl = _xattr_failure("system.posix_acl_access", unsupported)
+    assert acl == "the target filesystem does not take POSIX ACLs"
+    assert _xattr_failure("system.posix_acl_access", OSError(errno.EINVAL, "Invalid argument")) == (
+        "Invalid argument"
+    )

@@ -110,3 +110,24 @@ def test_an_engine_socket_without_permission_is_not_a_stopped_engine(shared: Pat
     )  # fmt: skip
     refused(result, "permission denied", "usermod")
     assert "start the engine" not in result.stderr
+
+
+def test_uuid_and_source_date_epoch_are_checked_before_any_work(tmp_path: Path) -> None:
+    absent = f"oci:{tmp_path / 'no-such-layout'}:x"  # never opened: refused before
+    nil = oci2disk(
+        "convert",
+        absent,
+        "-f",
+        "raw",
+        "-o",
+        str(tmp_path / "d.raw"),
+        "--uuid",
+        "0" * 8 + "-0000-0000-0000-" + "0" * 12,
+    )
+    assert nil.code == 2 and "--uuid" in nil.stderr and "nil UUID" in nil.stderr
+    late = oci2disk(
+        "convert", absent, "-f", "raw", "-o", str(tmp_path / "d.raw"),
+        env={"SOURCE_DATE_EPOCH": "99999999999"},
+    )  # fmt: skip
+    assert late.code == 2 and "SOURCE_DATE_EPOCH" in late.stderr and "2106" in late.stderr
+    assert "no-such-layout" not in nil.stderr + late.stderr

@@ -97,3 +97,15 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(source: str, tmp_path
     assert "leftovers" in result.stderr and part.name in result.stderr
     assert not part.exists() and not old_dir.exists() and live.exists()
     assert list(workspaces.iterdir()) == []
+
+
+def test_an_output_directory_that_cannot_be_says_why(source: str, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("a file\n")
+    for target, says in (
+        (tmp_path / "missing" / "d.tar", "does not exist"),
+        (plain / "d.tar", "is a file, not a directory"),
+        (plain / "sub" / "d.tar", "a path above it is a file"),
+    ):
+        result = oci2disk("convert", source, "-f", "tar", "-o", str(target))
+        assert result.code == 1 and says in result.stderr, result.stderr

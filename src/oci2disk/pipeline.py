@@ -35,6 +35,7 @@ from oci2disk.workspace import (
     Workspace,
     check_directory_target,
     check_file_target,
+    missing_directory,
     sweep_leftovers,
 )
 
@@ -121,10 +122,7 @@ def _made_here(path: Path) -> bool:
 
 def _check_output_dir(path: Path) -> None:
     if not path.parent.is_dir():
-        raise ConvertError(
-            f"output directory {path.parent} does not exist",
-            hint=f"create it (mkdir -p {path.parent}) or choose another output path",
-        )
+        raise missing_directory(path.parent)
 
 
 def convert_ref(

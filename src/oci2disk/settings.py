@@ -48,6 +48,7 @@ LABEL_MAX = 16  # bytes of an ext2/3/4 volume label
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 NETWORKS = ("host", "default", "none")
+EPOCH_MAX = 0xFFFFFFFF  # seconds: the largest time a newc cpio header holds
 
 
 class CliKind(enum.Enum):
@@ -202,9 +203,11 @@ def label(value: Any) -> str:
 
 
 def uuid(value: Any) -> str | None:
-    result = text(value).lower()
+    result = text(value).strip().lower()
     if not UUID_RE.match(result):
         raise Invalid("a UUID like 0b5c3f0e-7c1d-4b5e-9a6f-2d8e4f1a3b7c")
+    if not result.strip("0-"):  # mke2fs takes the nil UUID as "no UUID at all"
+        raise Invalid("a UUID other than the nil UUID (all zeros)")
     return result
 
 
@@ -613,6 +616,13 @@ def source_date_epoch(environ: Mapping[str, str] | None = None) -> int | None:
     if not value.strip().isdigit():
         raise UsageError(
             f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds",
+            hint="set it to a Unix time like $(git log -1 --format=%ct), or unset it",
+        )
+    if int(value) > EPOCH_MAX:
+        # newc cpio headers and ext2/3 inodes hold 32-bit times: refused here, not after
+        # a build, with a wrong date in the outputs
+        raise UsageError(
+            f"SOURCE_DATE_EPOCH={value} is after 2106-02-07, the last time every output holds",
             hint="set it to a Unix time like $(git log -1 --format=%ct), or unset it",
         )
     return int(value)

@@ -136,10 +136,7 @@ def _check_parent(target: Path) -> os.stat_result | None:
     """The target's lstat (None when it does not exist), once its directory is usable."""
     parent = target.parent
     if not parent.is_dir():
-        raise _output_error(
-            f"output directory {parent} does not exist",
-            f"create it first (mkdir -p {parent}) or choose another output path",
-        )
+        raise missing_directory(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise _output_error(
             f"cannot write into the output directory {parent} (permission denied)",
@@ -149,6 +146,22 @@ def _check_parent(target: Path) -> os.stat_result | None:
         return target.lstat()
     except FileNotFoundError:
         return None
+
+
+def missing_directory(parent: Path) -> Exception:
+    """Why ``parent`` cannot hold an output: missing, not a directory, or out of reach."""
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        happened = "does not exist"
+    except NotADirectoryError:
+        happened = "cannot exist: a path above it is a file, not a directory"
+    except PermissionError:
+        happened = "cannot be reached: permission denied on a directory above it"
+    else:
+        happened = "is a file, not a directory" if not stat.S_ISDIR(st.st_mode) else "is odd"
+    hint = f"create it first (mkdir -p {parent})" if happened == "does not exist" else "fix it"
+    return _output_error(f"output directory {parent} {happened}", f"{hint} or choose another path")
 
 
 def check_file_target(target: Path) -> None:

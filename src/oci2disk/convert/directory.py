@@ -50,6 +50,7 @@ class DirectoryReport:
     owners: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     xattrs: list[str] = field(default_factory=list)
+    setid: list[str] = field(default_factory=list)  # set-user/group-ID files now the user's
     digest: str = ""  # sha256 over every path's metadata and content: equal trees, equal digest
 
     def summary(self) -> list[str]:
@@ -66,10 +67,15 @@ class DirectoryReport:
                 f"could not create {len(self.devices)} device node(s) (needs root; "
                 f"they are left out): {_some(self.devices)}"
             )
+        if self.setid:
+            lines.append(
+                f"{len(self.setid)} set-user/group-ID file(s) now belong to {who}, so they run "
+                f"with the rights of {who}, not of their owner in the image: "
+                f"{_some(self.setid)}"
+            )
         if self.xattrs:
             lines.append(
-                f"could not set {len(self.xattrs)} xattr(s) (trusted.* and security.* need "
-                f"root): {_some(self.xattrs)}"
+                f"could not set {len(self.xattrs)} xattr(s) (why, for each): {_some(self.xattrs)}"
             )
         if lines:
             lines.append("run oci2disk as root for an exact copy of the image")
@@ -184,13 +190,28 @@ def _write_file(rootfs: Tree, entry: Entry, parent: int, name: str, report: Dire
             with rootfs.open(entry.path) as src:
                 while chunk := src.read(CHUNK):
                     digest.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                    _write_sparse(fd, chunk)
+            os.ftruncate(fd, entry.size)  # a hole at the end is a size, not a write
         _metadata(entry, fd, None, report)
     finally:
         os.close(fd)
     return digest.hexdigest()
+
+
+HOLE = 64 << 10  # zero runs this long (and aligned) become holes, as in the image
+_ZEROS = bytes(HOLE)
+
+
+def _write_sparse(fd: int, chunk: bytes) -> None:
+    """Write ``chunk`` at the file offset, leaving its all-zero blocks as holes."""
+    view = memoryview(chunk)
+    for start in range(0, len(view), HOLE):
+        block = view[start : start + HOLE]
+        if len(block) == HOLE and block == _ZEROS:
+            os.lseek(fd, HOLE, os.SEEK_CUR)
+            continue
+        while block:
+            block = block[os.write(fd, block) :]
 
 
 def _make_node(entry: Entry, parent: int, name: str, report: DirectoryReport) -> bool:
@@ -216,6 +237,8 @@ def _metadata(entry: Entry, fd: int, name: str | None, report: DirectoryReport) 
             os.chown(name, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
     except PermissionError:
         report.owners.append(entry.path)
+        if entry.kind is Kind.FILE and entry.mode & 0o6000:
+            report.setid.append(entry.path)
     if entry.kind is not Kind.SYMLINK:  # Linux has no symlink modes
         if name is None:
             os.fchmod(fd, entry.mode & 0o7777)
@@ -230,12 +253,23 @@ def _metadata(entry: Entry, fd: int, name: str | None, report: DirectoryReport) 
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
-            report.xattrs.append(f"{entry.path} ({key})")
+            report.xattrs.append(f"{entry.path} ({key}: {_xattr_failure(key, exc)})")
     times = (entry.mtime_ns, entry.mtime_ns)
     if name is None:
         os.utime(fd, ns=times)
     else:
         os.utime(name, ns=times, dir_fd=fd, follow_symlinks=False)
+
+
+def _xattr_failure(key: str, exc: OSError) -> str:
+    """What really happened: a namespace reserved to root, or a filesystem that refuses."""
+    if exc.errno in (errno.EPERM, errno.EACCES) and key.startswith(("trusted.", "security.")):
+        return f"{key.split('.')[0]}.* needs root"
+    if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+        if key.startswith("system.posix_acl_"):
+            return "the target filesystem does not take POSIX ACLs"
+        return "the target filesystem does not take them"
+    return exc.strerror or str(exc)
 
 
 def _setxattr_at(parent: int, name: str, key: str, value: bytes) -> None:
