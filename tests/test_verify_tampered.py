@@ -133,3 +133,13 @@ def test_could_not_verify_is_not_different(source: str, tmp_path: Path) -> None:
     (tmp_path / "junk.img").write_bytes(b"\0" * 4096)
     code, _ = verify(tmp_path / "junk.img", source)
     assert code == 3
+
+
+@pytest.mark.parametrize(("fmt", "size"), [("fs", 1024), ("raw", 440)])
+def test_code_in_the_boot_sector_is_found(source: str, tmp_path: Path, fmt: str, size: int) -> None:
+    disk = made(source, tmp_path / f"disk.{fmt}", "-f", fmt)
+    assert verify(disk, source)[0] == 0
+    with disk.open("r+b") as f:
+        f.write(b"\xeb\x63\x90" + b"\x90" * (size - 3))  # a jump and a sled: code
+    code, text = verify(disk, source)
+    assert code == 1 and "boot-sector" in text, text

@@ -615,8 +615,8 @@ def cmd_verify(args: argparse.Namespace, progress: Progress) -> int:
         )
     except UsageError:
         raise
-    except Oci2DiskError as exc:  # not "different": nothing could be compared
-        _print_error(exc, args.debug)
+    except (Oci2DiskError, OSError) as exc:  # not "different": nothing could be compared
+        _print_error(exc if isinstance(exc, Oci2DiskError) else _os_error(exc, args), args.debug)
         print(f"{args.artifact}: could not verify", file=sys.stderr)
         return COULD_NOT_VERIFY
     if args.json:

@@ -273,7 +273,26 @@ def disk_checks(tree: Tree, job: Job) -> list[Difference]:
     for path, flags in sorted(tree.flagged.items()):
         shown = ", ".join(n for bit, n in extfs.SHOWN_FLAGS.items() if flags & bit)
         found.append(Difference(path, "flags", "", shown))
+    if job.boot is None:
+        found += _boot_code(tree)
     return found
+
+
+# Code a disk (the MBR's first 440 bytes) or a bare filesystem (its first 1024 bytes)
+# runs or hands over at boot; oci2disk leaves them zero unless it installs a bootloader.
+BOOT_CODE = 440
+FS_BOOT_BLOCK = 1024
+
+
+def _boot_code(fs: extfs.ExtFs) -> list[Difference]:
+    size = FS_BOOT_BLOCK if fs.offset == 0 else BOOT_CODE
+    with fs.path.open("rb") as f:
+        head = f.read(size)
+    if not head.strip(b"\0"):
+        return []
+    where = "boot block" if fs.offset == 0 else "MBR boot code"
+    written = len(head) - head.count(0)
+    return [Difference(".", "boot-sector", f"{where}: zeros", f"{written} bytes written")]
 
 
 def boot_differences(artifact: Path, tree: Tree, job: Job, workdir: Path) -> list[Difference]:
