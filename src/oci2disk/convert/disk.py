@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -424,6 +425,14 @@ def write_filesystem(
         with run.feeding(argv, env=env, parsed=True, what="mke2fs failed") as stdin:
             root.write_tar(wrap(stdin) if wrap else stdin, extra=extra)
     except CommandError as exc:
+        need = estimate_fs_bytes(root.stats, identity.fs).minimum
+        if "No space left on device" in exc.stderr_tail and _host_full(path, need):
+            free = shutil.disk_usage(path.parent).free
+            raise ConvertError(
+                f"the filesystem that holds {path.parent} is full ({human(free)} free): the "
+                f"disk image needs about {human(need)} there (not a --size problem)",
+                hint="free space there, or write the output (-o) to a filesystem with room",
+            ) from None
         if out_of_space(exc):
             raise too_small(
                 layout.fs_bytes + layout.fs_offset,
@@ -443,6 +452,18 @@ OUT_OF_SPACE = (
     "Could not allocate inode in ext2 filesystem",  # EXT2_ET_INODE_ALLOC_FAIL
     "No free space in the directory",  # EXT2_ET_DIR_NO_SPACE
 )
+
+
+def _host_full(path: Path, need: int) -> bool:
+    """Whether the filesystem holding ``path`` (not the image's) ran out of room."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return False
+    return free < min(need, HOST_SLACK)
+
+
+HOST_SLACK = 16 << 20  # less free than this, or than the image needs: the host is full
 
 
 def out_of_space(error: CommandError) -> bool:
