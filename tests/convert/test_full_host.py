@@ -38,3 +38,17 @@ def test_a_full_output_filesystem_is_named(small_fs: Path, tmp_path: Path) -> No
     assert f"the filesystem that holds {small_fs} is full" in result.stderr, result.stderr
     assert "needs about" in result.stderr and "too small" not in result.stderr
     assert list(small_fs.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_temporary_filesystem_is_not_a_bad_archive(small_fs: Path, tmp_path: Path) -> None:
+    make_image(tmp_path / "layout", [[file("srv/data", os.urandom(20 << 20))]])
+    archive = tmp_path / "image.tar"
+    subprocess.run(["tar", "-C", str(tmp_path / "layout"), "-cf", str(archive), "."], check=True)
+    result = oci2disk(
+        "-q", "convert", f"oci-archive:{archive}", "-f", "tar", "-o", str(tmp_path / "r.tar"),
+        env={"OCI2DISK_TMPDIR": str(small_fs)},
+    )  # fmt: skip
+    assert result.code == 1
+    assert "a filesystem is full" in result.stderr and str(small_fs) in result.stderr
+    assert "not a readable" not in result.stderr and "Traceback" not in result.stderr

@@ -7,6 +7,7 @@ from a single flat rootfs tarball (``oci2disk bootstrap``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -566,6 +567,8 @@ def _read_docker_archive(stream: IO[bytes], writer: LayoutWriter) -> Descriptor:
                     )
                     by_name[name] = writer.add_stream(f, media_type)
     except (tarfile.TarError, OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the workspace's filesystem is full: the archive is fine
         raise ImageError(f"not a readable docker-archive ({exc})") from None
     if not manifest_json or not isinstance(manifest_json, list):
         raise ImageError("docker-archive has no manifest.json", hint="make it with `docker save`")

@@ -7,6 +7,7 @@ Host tools: those of the transport (skopeo, dockerd), see :mod:`.transports`.
 
 from __future__ import annotations
 
+import errno
 import tarfile
 from pathlib import Path
 from typing import Protocol
@@ -106,4 +107,6 @@ def _extract_layout_archive(archive: Path, dest: Path) -> None:
                     while chunk := source.read(1 << 20):
                         out.write(chunk)
     except (tarfile.TarError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the workspace's filesystem is full: the archive is fine
         raise ImageError(f"{archive}: not a readable oci-archive ({exc})") from None
