@@ -54,6 +54,11 @@ CONVERT_SETTINGS = (
     "initramfs.level",  # --level, for the cgz or the tar output
     "kernel.version",
     "kernel.vmlinux",
+    "squashfs.compressor",
+    "squashfs.block_size",
+    "iso.append",
+    "iso.volume_id",
+    "disk.max_size",
     "build.platform",
     "boot.firmware",
     "boot.cmdline",
@@ -195,6 +200,10 @@ def parser() -> argparse.ArgumentParser:
     for key in CONVERT_SETTINGS:
         if key.startswith(("initramfs.", "tar.", "kernel.")):
             add_setting(archive, key)
+    live = c.add_argument_group("squashfs and iso outputs")
+    for key in CONVERT_SETTINGS:
+        if key.startswith(("squashfs.", "iso.")):
+            add_setting(live, key)
     add_setting(c, "build.platform", help="OS/ARCH for multi-platform images")
     c.add_argument("--jobs", type=int, help="converters run at once (default: one per core)")
     c.add_argument(
@@ -491,15 +500,15 @@ def _jobs(jobs: int | None) -> int | None:
     return jobs
 
 
-def convert_options(args: argparse.Namespace) -> tuple[Format, ConvertOptions]:
-    """The format and options of ``oci2disk convert``, checked as a recipe's would be."""
+def convert_options(args: argparse.Namespace) -> tuple[tuple[Format, ...], ConvertOptions]:
+    """The formats and options of ``oci2disk convert``, checked as a recipe's would be."""
     values = setting_values(args, [k for k in CONVERT_SETTINGS if k != "initramfs.level"])
-    fmt = _one_format(args.outputs__formats)
+    formats = _formats(args.outputs__formats)
     if args.initramfs__level is not None:
-        key = LEVEL_OF.get(fmt)
-        if key is None:
-            raise UsageError("--level applies to the cgz and tar formats only")
-        values[key] = settings.whole_number(args.initramfs__level)
+        keys = [LEVEL_OF[f] for f in formats if f in LEVEL_OF]
+        if len(keys) != 1:
+            raise UsageError("--level applies to one cgz or tar output")
+        values[keys[0]] = settings.whole_number(args.initramfs__level)
     try:
         options = ConvertOptions(
             settings.disk_spec(values),
@@ -517,30 +526,27 @@ def convert_options(args: argparse.Namespace) -> tuple[Format, ConvertOptions]:
         )
     except settings.Problem as exc:
         raise _problem(exc) from None
-    return fmt, options
+    return formats, options
 
 
-def _one_format(text: str) -> Format:
+def _formats(text: str) -> tuple[Format, ...]:
     setting = settings.BY_KEY["outputs.formats"]
     try:
-        found = setting.parse(_toml_shaped(setting, text))
+        found: tuple[Format, ...] = tuple(setting.parse(_toml_shaped(setting, text)))
     except settings.Invalid as exc:
         raise UsageError(f"-f/--format {text!r}: expected {exc.expected}") from None
-    if len(found) != 1:
-        raise UsageError(f"-f/--format {text!r}: expected one format (build writes several)")
-    result: Format = found[0]
-    return result
+    return found
 
 
 def cmd_convert(args: argparse.Namespace, progress: Progress) -> int:
     from oci2disk.oci.layout import Platform
     from oci2disk.pipeline import convert_ref
 
-    fmt, options = convert_options(args)
+    formats, options = convert_options(args)
     platform = Platform.parse(args.build__platform) if args.build__platform else None
     result = convert_ref(
         args.source,
-        fmt,
+        formats[0] if len(formats) == 1 else formats,
         args.output,
         options,
         platform=platform,

@@ -41,6 +41,8 @@ from oci2disk.workspace import (
 
 log = logging.getLogger("oci2disk")
 
+DEFAULT_NAME = "disk"  # base name of the outputs when convert writes several
+
 __all__ = [
     "RunResult",
     "VerifyReport",
@@ -127,7 +129,7 @@ def _check_output_dir(path: Path) -> None:
 
 def convert_ref(
     source: str,
-    fmt: Format,
+    fmt: Format | Sequence[Format],
     output: Path,
     options: conv.ConvertOptions,
     *,
@@ -137,21 +139,33 @@ def convert_ref(
 ) -> RunResult:
     """``oci2disk convert``: an existing image to one artifact plus its manifest.
 
-    SOURCE_DATE_EPOCH is read once, here, unless ``options`` carries it already.
+    With several formats, ``output`` is a directory (made when missing) that gets each
+    output under its default name (``disk.qcow2``, ``disk.cgz``, ``disk.rootfs/``...) and
+    ``disk.manifest.json``, as ``build`` writes them. SOURCE_DATE_EPOCH is read once, here,
+    unless ``options`` carries it already.
     """
     if options.source_date_epoch is None:
         options = replace(options, source_date_epoch=settings.source_date_epoch())
     ref = parse_ref(source)
     output = output.absolute()
-    check_outputs({fmt: output}, options)
-    conv.preflight([fmt])
+    formats = [fmt] if isinstance(fmt, Format) else list(dict.fromkeys(fmt))
+    if len(formats) == 1:
+        outputs = {formats[0]: output}
+        where = manifest.manifest_path(output.parent, output.name)
+    else:
+        _check_output_dir(output)
+        output.mkdir(exist_ok=True)
+        outputs = conv.default_outputs(output, DEFAULT_NAME, tuple(formats), options)
+        where = manifest.manifest_path(output, DEFAULT_NAME)
+    check_outputs(outputs, options)
+    conv.preflight(formats)
     with Workspace() as ws:
         with progress.step(f"opening {ref}"):
             image = open_image(ref, ws.path, platform)
         image = with_additions(image, additions, ws, progress)
-        result = convert_image(image, {fmt: output}, options, ws, progress)
+        result = convert_image(image, outputs, options, ws, progress)
     made = manifest.from_run(source=str(ref), image=image, result=result, options=options)
-    path = manifest.write(manifest.manifest_path(output.parent, output.name), made)
+    path = manifest.write(where, made)
     return RunResult(path, made, result)
 
 
