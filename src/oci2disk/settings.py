@@ -546,15 +546,15 @@ def boot_spec(values: Values) -> BootSpec:
         if table is Table.NONE:
             raise Problem(
                 "boot.firmware",
-                f'no firmware with table = "none": a bare filesystem has no room for a '
-                f"bootloader (firmware {names} needs a partition table; use table gpt, or "
-                f"firmware none)",
+                f'none with table = "none": a bare filesystem has no partition table for '
+                f"a bootloader to live in, so {names} cannot boot it (use table gpt, or mbr "
+                "for bios alone)",
             )
         if Firmware.UEFI in chosen and table is Table.MBR and "disk.table" in values:
             raise Problem(
                 "boot.firmware",
-                'bios only with table = "mbr": UEFI boot needs an EFI system partition in '
-                "a GPT (use table gpt, or firmware bios)",
+                'bios with table = "mbr": UEFI boot needs an EFI system partition in a GPT '
+                "(use table gpt for uefi)",
             )
         number: int | None = get(values, "disk.root_partition")
         if number not in (None, 1):
