@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -143,3 +144,19 @@ def test_code_in_the_boot_sector_is_found(source: str, tmp_path: Path, fmt: str,
         f.write(b"\xeb\x63\x90" + b"\x90" * (size - 3))  # a jump and a sled: code
     code, text = verify(disk, source)
     assert code == 1 and "boot-sector" in text, text
+
+
+def test_a_path_longer_than_the_system_takes_is_could_not_verify(
+    source: str, tmp_path: Path
+) -> None:
+    root = made(source, tmp_path / "root", "-f", "dir")
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(25):  # 25 x 201 bytes: past PATH_MAX (4096)
+        os.mkdir("d" * 200, dir_fd=fd)
+        deeper = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    os.close(fd)
+    code, text = verify(root, source)
+    assert code == 3 and "could not verify" in text and "Traceback" not in text
+    assert "4096" in text and len(text) < 4000

@@ -347,7 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _os_error(exc: OSError, args: argparse.Namespace) -> Oci2DiskError:
     from oci2disk.workspace import temp_base
 
-    where = f": {exc.filename}" if exc.filename else ""
+    name = os.fsdecode(exc.filename) if exc.filename else ""
+    if len(name) > 200:  # a path too long to use is too long to read whole
+        name = f"{name[:80]}...{name[-80:]} ({len(name.encode())} bytes)"
+    where = f": {name}" if name else ""
     text = f"{exc.strerror or exc}{where}"
     if exc.errno == errno.ENOSPC:
         out = getattr(args, "output", None) or getattr(args, "outdir", None) or Path(".")
