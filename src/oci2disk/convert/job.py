@@ -58,11 +58,10 @@ class Job:
         self.workspace = workspace
         self.progress = progress
         spec = options.disk
+        # What every derived id (UUIDs, the ESP's serial, qemu-img's ids) comes from.
+        self.seed = uuid_source(image, self.plain_rootfs, options)
         self.identity = disk.FsIdentity(
-            uuid=spec.uuid
-            or disk.derive_uuid(
-                uuid_source(image, self.plain_rootfs, options), spec.fs.value, spec.label
-            ),
+            uuid=spec.uuid or disk.derive_uuid(self.seed, spec.fs.value, spec.label),
             label=spec.label,
             fs=spec.fs,
         )
@@ -78,7 +77,7 @@ class Job:
         self._plain = self.generated  # for a bare filesystem: no ESP, no bootloader
         if self.boot is not None:
             table = bootable.table_for(self.boot, spec)
-            esp = bootable.fstab_line(image.digest) if self.boot.uefi else ""
+            esp = bootable.fstab_line(self.seed) if self.boot.uefi else ""
             self.generated = [
                 *disk.generated_files(rootfs, self.identity, spec.fstab, esp),
                 *bootable.rootfs_files(self.boot, self.identity.uuid, table, spec.fstab),
@@ -147,7 +146,7 @@ class Job:
                     path,
                     layout,
                     self.identity,
-                    seed=self.image.digest,
+                    seed=self.seed,
                     epoch=self.timestamp,
                     workdir=self.workspace.subdir("bootloader"),
                 )

@@ -31,7 +31,7 @@ def vm_format(name: str, summary: str, suffix: str, aliases: tuple[str, ...] = (
             qemuimg.convert(raw, name, out, job.options.compression)
         # qemu-img writes random ids and the time into these: the same image, same bytes
         final = next(t.name for f, t in job.targets.items() if f.name == name)
-        stamps.normalize(out, name, f"{job.image.digest}:{name}", job.timestamp, final)
+        stamps.normalize(out, name, f"{job.seed}:{name}", job.timestamp, final)
 
     return OutputFormat(
         name=name,
