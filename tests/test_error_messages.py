@@ -131,3 +131,24 @@ def test_uuid_and_source_date_epoch_are_checked_before_any_work(tmp_path: Path) 
     )  # fmt: skip
     assert late.code == 2 and "SOURCE_DATE_EPOCH" in late.stderr and "2106" in late.stderr
     assert "no-such-layout" not in nil.stderr + late.stderr
+
+
+def test_huge_xattrs_are_refused_or_reported_not_a_traceback(tmp_path: Path) -> None:
+    too_big = make_image(
+        tmp_path / "big", [[file("etc/x", b"x", xattrs={"user.k": b"v" * (1 << 20)})]]
+    )
+    del too_big
+    result = oci2disk(
+        "-q", "convert", f"oci:{tmp_path / 'big'}:{TAG}", "-f", "dir", "-o", str(tmp_path / "a")
+    )
+    refused(result, "XATTR_SIZE_MAX", "user.k")
+    make_image(tmp_path / "large", [[file("etc/x", b"x", xattrs={"user.k": b"v" * 60000})]])
+    kept = oci2disk(
+        "-q", "convert", f"oci:{tmp_path / 'large'}:{TAG}", "-f", "dir", "-o", str(tmp_path / "b")
+    )
+    assert kept.code == 0, kept.stderr
+    if "user.k" in kept.stderr:  # an ext4 without ea_inode: one block per inode's xattrs
+        assert "/etc/x (user.k: too large for the target filesystem's xattr space)" in kept.stderr
+        assert "run oci2disk as root" not in kept.stderr
+    else:  # a filesystem that holds it (tmpfs, xfs)
+        assert os.getxattr(tmp_path / "b/etc/x", "user.k") == b"v" * 60000

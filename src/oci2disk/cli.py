@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _os_error(exc: OSError, args: argparse.Namespace) -> Oci2DiskError:
     from oci2disk.workspace import temp_base
 
-    name = os.fsdecode(exc.filename) if exc.filename else ""
+    name = exc.filename if isinstance(exc.filename, str) else ""  # not a descriptor
     if len(name) > 200:  # a path too long to use is too long to read whole
         name = f"{name[:80]}...{name[-80:]} ({len(name.encode())} bytes)"
     where = f": {name}" if name else ""

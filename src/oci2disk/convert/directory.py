@@ -77,7 +77,7 @@ class DirectoryReport:
             lines.append(
                 f"could not set {len(self.xattrs)} xattr(s) (why, for each): {_some(self.xattrs)}"
             )
-        if lines:
+        if self.owners or self.devices or any("needs root" in x for x in self.xattrs):
             lines.append("run oci2disk as root for an exact copy of the image")
         return lines
 
@@ -251,7 +251,7 @@ def _metadata(entry: Entry, fd: int, name: str | None, report: DirectoryReport) 
             else:
                 _setxattr_at(fd, name, key, value)
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
+            if exc.errno not in _XATTR_REFUSALS:
                 raise
             report.xattrs.append(f"{entry.path} ({key}: {_xattr_failure(key, exc)})")
     times = (entry.mtime_ns, entry.mtime_ns)
@@ -259,6 +259,19 @@ def _metadata(entry: Entry, fd: int, name: str | None, report: DirectoryReport) 
         os.utime(fd, ns=times)
     else:
         os.utime(name, ns=times, dir_fd=fd, follow_symlinks=False)
+
+
+# What setxattr answers for a value the target cannot hold (ENOSPC, E2BIG: too large for
+# one block of an ext4 without ea_inode, say), besides the refusals of namespaces.
+_XATTR_REFUSALS = (
+    errno.EPERM,
+    errno.EACCES,
+    errno.ENOTSUP,
+    errno.EOPNOTSUPP,
+    errno.ENOSPC,
+    errno.E2BIG,
+    errno.ERANGE,
+)
 
 
 def _xattr_failure(key: str, exc: OSError) -> str:
@@ -269,6 +282,8 @@ def _xattr_failure(key: str, exc: OSError) -> str:
         if key.startswith("system.posix_acl_"):
             return "the target filesystem does not take POSIX ACLs"
         return "the target filesystem does not take them"
+    if exc.errno in (errno.ENOSPC, errno.E2BIG, errno.ERANGE):
+        return "too large for the target filesystem's xattr space"
     return exc.strerror or str(exc)
 
 

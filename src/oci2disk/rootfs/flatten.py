@@ -63,6 +63,7 @@ DOCKERENV = b".dockerenv"
 # a hostile layer must not make the flattener allocate what it likes.
 HEADER_LIMIT = 16 << 20
 ID_MAX = 0xFFFFFFFF  # uid_t and gid_t are 32 bits
+XATTR_MAX = 65536  # bytes of one xattr value Linux takes (XATTR_SIZE_MAX)
 
 _TAR_KINDS = {
     tarfile.REGTYPE: Kind.FILE,
@@ -258,7 +259,16 @@ class _Builder:
         dev = (info.devmajor, info.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else (0, 0)
         # Symlinks have no permissions of their own on Linux: always 0777.
         mode = 0o777 if kind is Kind.SYMLINK else info.mode & 0o7777
-        meta = Meta(kind, mode, info.uid, info.gid, pax_xattrs(info.pax_headers), linkname, *dev)
+        xattrs = pax_xattrs(info.pax_headers)
+        for key, value in xattrs:
+            if len(value) > XATTR_MAX:
+                raise self.fail(
+                    info.name,
+                    f"its xattr {key!r} holds {len(value)} bytes; Linux takes at most "
+                    f"{XATTR_MAX} (XATTR_SIZE_MAX), so no filesystem could carry it",
+                    hint="remove the attribute from the image (setfattr -x) and build it again",
+                )
+        meta = Meta(kind, mode, info.uid, info.gid, xattrs, linkname, *dev)
         meta = self.metas.setdefault(meta, meta)
         mtime = _mtime_ns(info)
         if mtime == self._last_mtime:
