@@ -69,3 +69,16 @@ def test_a_disk_lists_what_it_took_out_and_keep_identity_keeps_it(tmp_path: Path
             assert listed == set() and machine_id.size == 33 and host_key is not None
         else:
             assert listed == TAKEN and machine_id.size == 0 and host_key is None
+
+
+def test_verify_expects_the_same_edits(tmp_path: Path) -> None:
+    make_image(tmp_path / "layout", [MEMBERS])
+    source = f"oci:{tmp_path / 'layout'}:{TAG}"
+    disk = tmp_path / "disk.img"
+    assert oci2disk("-q", "convert", source, "-f", "fs", "-o", str(disk)).code == 0
+    same = oci2disk("verify", str(disk), "--against", source)
+    assert same.code == 0, same.stdout + same.stderr
+    # the options say the identity was kept: the emptied machine-id is a difference
+    kept = oci2disk("verify", str(disk), "--against", source, "--keep-identity")
+    assert kept.code == 1 and "/etc/machine-id" in kept.stdout
+    assert "/etc/ssh/ssh_host_ed25519_key" in kept.stdout
