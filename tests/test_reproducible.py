@@ -67,12 +67,12 @@ def test_two_builds_from_scratch_give_the_same_disk(base_image: str, outdir: Pat
             for tag in tags
         ]
         assert ids[0] != ids[1], "the second build ran from scratch, not from the layer cache"
-        sums = [
-            json.loads(d.with_name(d.name + ".manifest.json").read_text())["artifacts"][0]["sha256"]
-            for d in disks
-        ]
-        if sums[0] != sums[1]:
+        made = [json.loads(d.with_name(d.name + ".manifest.json").read_text()) for d in disks]
+        if made[0]["artifacts"][0]["sha256"] != made[1]["artifacts"][0]["sha256"]:
             report = oci2disk("verify", os.fspath(disks[1]), "--against", f"disk:{disks[0]}")
-            pytest.fail(f"the two disks differ:\n{report.stdout}{report.stderr}")
+            pytest.fail(
+                f"the two disks differ: filesystems {made[0].get('filesystem')} and "
+                f"{made[1].get('filesystem')}; their files:\n{report.stdout}{report.stderr}"
+            )
     finally:
         subprocess.run(["docker", "rmi", "-f", *tags], capture_output=True, check=False)
