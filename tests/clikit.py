@@ -22,7 +22,14 @@ class CliResult:
 def oci2disk(
     *args: str, env: dict[str, str] | None = None, user: int | None = None, timeout: float = 1800
 ) -> CliResult:
-    """Run the real command line in a subprocess, as a user would."""
+    """Run the real command line in a subprocess, as a user would.
+
+    build, convert and verify run with ``--no-cache`` unless the test names a cache
+    (``--cache-dir``): a test must see the work done, not a copy of an earlier test's
+    result (two runs compared for equal bytes would otherwise compare one run twice).
+    The cache has tests of its own, which give their own --cache-dir.
+    """
+    args = _uncached(args)
     argv = [*OCI2DISK, *args]
     if user is not None:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
@@ -36,3 +43,14 @@ def oci2disk(
         cwd=ROOT,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _uncached(args: tuple[str, ...]) -> tuple[str, ...]:
+    if "--cache-dir" in args or "--no-cache" in args:
+        return args
+    for i, word in enumerate(args):
+        if word in ("build", "convert", "verify"):
+            return (*args[: i + 1], "--no-cache", *args[i + 1 :])
+        if not word.startswith("-"):
+            break  # another command
+    return args
