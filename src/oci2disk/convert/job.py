@@ -5,7 +5,6 @@ Host tools: those of :mod:`oci2disk.convert.disk`, for the raw disk.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 from oci2disk.arch import Arch
+from oci2disk.bytestreams import HashingWriter
 from oci2disk.convert import bootable, disk
 from oci2disk.convert.options import ConvertOptions, DiskSpec, Table
 from oci2disk.oci.layout import OciImage
@@ -199,24 +199,23 @@ class Job:
 def uuid_source(image: OciImage, rootfs: FlatRootfs, options: ConvertOptions) -> str:
     """What the filesystem's UUID (and the partitions', the hash seed) derive from.
 
-    The image digest; with SOURCE_DATE_EPOCH set, the digest of the rootfs's canonical
-    stream instead (file times clamped to it): two from-scratch builds of one Dockerfile
-    hold the same files but have different image digests (their layers record when each
-    file was written), and a reproducible build must give them the same disk.
+    The image config's digest (the image ID: its layers' diff_ids and config), which
+    every transport keeps while manifests differ with how layers were compressed, so
+    ``docker save`` and ``skopeo copy`` of one image give one disk. With SOURCE_DATE_EPOCH
+    set, the digest of the rootfs's canonical stream instead (file times clamped to it):
+    two from-scratch builds of one Dockerfile hold the same files but have different
+    image IDs (their layers record when each file was written), and a reproducible build
+    must give them the same disk.
     """
     if options.source_date_epoch is None:
-        return image.digest
-    sink = _Hashing()
+        return image.config_descriptor.digest
+    sink = HashingWriter(_Null())
     rootfs.write_tar(cast(BinaryIO, sink))
-    return "rootfs:" + sink.hash.hexdigest()
+    return "rootfs:" + sink.sha.hexdigest()
 
 
-class _Hashing:
-    def __init__(self) -> None:
-        self.hash = hashlib.sha256()
-
+class _Null:
     def write(self, data: bytes) -> int:
-        self.hash.update(data)
         return len(data)
 
     def flush(self) -> None:
