@@ -37,6 +37,7 @@ from oci2disk.rootfs.kernels import KernelFiles
 log = logging.getLogger("oci2disk.kernel")
 
 ELF_MAGIC = b"\x7fELF"
+HEAD_BYTES = 4096  # of a payload, to tell an ELF file or an arm64/riscv64 Image
 
 if TYPE_CHECKING:
     from oci2disk.convert.job import Job
@@ -162,13 +163,15 @@ VMLINUX_MAX = 256 << 20
 
 
 def _decompress(codec: Compression, data: bytes, workdir: Path) -> bytes | None:
-    """The payload decompressed: only its head while it may not be ELF, then at most
-    VMLINUX_MAX bytes, so that no payload takes more memory than a kernel would."""
+    """The payload decompressed: only its head (enough to tell what it is) when it is no
+    ELF file, else at most VMLINUX_MAX bytes, so that no payload takes more memory than a
+    kernel would."""
     try:
         if codec is Compression.LZ4:
             return _unlz4(data, workdir)
-        if not _inflate(codec, data, len(ELF_MAGIC)).startswith(ELF_MAGIC):
-            return None
+        head = _inflate(codec, data, HEAD_BYTES)
+        if not head.startswith(ELF_MAGIC):
+            return head  # not the vmlinux; the caller may still tell what it is
         elf = _inflate(codec, data, VMLINUX_MAX + 1)
     except DECOMPRESS_ERRORS:
         return None
