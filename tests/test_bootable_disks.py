@@ -220,6 +220,17 @@ def test_two_conversions_give_the_same_bytes(work: Path) -> None:
         path.unlink()
 
 
+def test_a_bare_filesystem_of_a_kernel_image_verifies_without_options(work: Path) -> None:
+    """`-f fs` writes no table and so no bootloader; verify sees that, unasked."""
+    source = f"docker-archive:{work / 'image.tar'}"
+    target = work / "bare.ext4"
+    made = oci2disk("-q", "convert", source, "-f", "fs", "-o", os.fspath(target))
+    assert made.code == 0, made.stderr
+    check = oci2disk("verify", os.fspath(target), "--against", source)
+    assert check.code == 0, check.stdout + check.stderr
+    target.unlink()
+
+
 # ---------------------------------------------------------------- refusals
 
 

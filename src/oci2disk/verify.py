@@ -26,7 +26,7 @@ from oci2disk import run
 from oci2disk.compression import open_decompressed
 from oci2disk.convert.cpio import initramfs_additions
 from oci2disk.convert.job import Job
-from oci2disk.convert.options import ConvertOptions
+from oci2disk.convert.options import ConvertOptions, Table
 from oci2disk.diskimage import bootfiles, extfs, qemuimg
 from oci2disk.errors import VerifyError
 from oci2disk.oci.layout import Platform
@@ -388,6 +388,9 @@ def verify_artifact(
     kind = artifact_kind(artifact)
     reader = READERS[kind]
     ignored = tuple(ignore)
+    if kind is ArtifactKind.DISK and not options.disk.table_given and _bare_filesystem(artifact):
+        # an `-f fs` output: written with no table, so with no bootloader either
+        options = replace(options, disk=replace(options.disk, table=Table.NONE))
     ref = parse_ref(source)
     with Workspace() as ws:
         with progress.step(f"opening {ref}"):
@@ -414,6 +417,13 @@ def verify_artifact(
         with progress.step("comparing every path"):
             differences = found + compare(expected, actual, ignore=ignored)
     return VerifyReport(tuple(differences), (*reader.made_paths, *ignored), len(expected))
+
+
+def _bare_filesystem(artifact: Path) -> bool:
+    """A raw file that starts with an ext filesystem, not a partition table."""
+    from oci2disk.diskimage.extfs import has_ext_magic
+
+    return artifact.is_file() and has_ext_magic(artifact, 0)
 
 
 def _as_written(job: Job, kind: ArtifactKind) -> list[Entry]:
