@@ -168,9 +168,9 @@ def parser() -> argparse.ArgumentParser:
     )
     add_setting(b, "build.platform")
     add_setting(b, "build.args")
+    add_setting(b, "outputs.keep_identity")
     add_setting(b, "boot.firmware")
     add_setting(b, "boot.cmdline")
-    add_setting(b, "outputs.keep_identity")
     b.add_argument("--jobs", type=int, help="outputs written at once (default: one per core)")
     b.add_argument(
         "--force",

@@ -182,10 +182,10 @@ def build_recipe(
     jobs: int | None = None,
     source_date_epoch: int | None = None,
     additions: Sequence[Addition] = (),
-    force: bool = False,
-    keep_identity: bool = False,
     firmware: tuple[conv.Firmware, ...] | None = None,
     cmdline: str | None = None,
+    force: bool = False,
+    keep_identity: bool = False,
 ) -> RunResult:
     """``oci2disk build``: build the recipe's image, then write every output it names.
 
