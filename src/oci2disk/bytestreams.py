@@ -187,3 +187,8 @@ class HashingWriter:
         self.size += len(data)
         self.out.write(data)
         return len(data)
+
+    def flush(self) -> None:
+        flush = getattr(self.out, "flush", None)
+        if flush is not None:
+            flush()

@@ -24,7 +24,7 @@ from oci2disk.verify import compare
 from oci2disk.workspace import Workspace
 from outputkit import convert_to, image_of, image_records
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00" + bytes(12)
 LATIN1_NAME = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
 INIT = ConvertOptions(initramfs=InitramfsSpec(init="/sbin/init"))
