@@ -2,7 +2,8 @@
 #
 # Hosted runners have Docker but an e2fsprogs too old for `mke2fs -d` with a tarball
 # (1.47.0 on ubuntu-24.04) and no KVM, so oci2disk runs here: Debian bookworm with
-# e2fsprogs from bookworm-backports, QEMU for the boot check (TCG), and skopeo/umoci.
+# e2fsprogs from bookworm-backports, GRUB for the disks' bootloaders, QEMU and its
+# firmware for the boot check (TCG), squashfs-tools-ng and xorriso, and skopeo/umoci.
 # It talks to the runner's Docker Engine through the socket GitHub mounts.
 #
 #   docker build -f action.Dockerfile -t oci2disk-action .
@@ -26,6 +27,7 @@ RUN set -eux; \
         python3 python3-venv ca-certificates \
         libarchive13 fdisk cpio mtools dosfstools zstd pigz xz-utils lz4 isal util-linux \
         qemu-utils qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 \
+        grub-common grub-pc-bin grub-efi-amd64-bin squashfs-tools-ng xorriso \
         skopeo umoci; \
     apt-get clean; \
     rm -rf /var/lib/apt/lists/*; \

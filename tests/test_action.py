@@ -80,8 +80,11 @@ def test_inputs_need_a_recipe_or_an_image() -> None:
     )
     assert inputs.build_args == ("A=1", "B=2")
     assert inputs.output_dir == "oci2disk-out"
-    with pytest.raises(UsageError, match="firmware"):
-        ActionInputs.from_env({**env, "INPUT_RECIPE": "r", "INPUT_FIRMWARE": "uefi"})
+    for firmware in ("bios,uefi", "uefi", "none"):
+        chosen = ActionInputs.from_env({**env, "INPUT_RECIPE": "r", "INPUT_FIRMWARE": firmware})
+        assert chosen.firmware == firmware
+    with pytest.raises(UsageError, match="input firmware: 'coreboot'"):
+        ActionInputs.from_env({**env, "INPUT_RECIPE": "r", "INPUT_FIRMWARE": "coreboot"})
 
 
 @pytest.mark.slow

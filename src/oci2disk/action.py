@@ -29,7 +29,9 @@ from oci2disk import run
 from oci2disk.errors import Oci2DiskError, UsageError
 
 DISK_FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi")
-BIOS_FIRMWARE = ("", "bios", "seabios")
+# The firmware input: what the disk gets bootloaders for ("" lets oci2disk choose:
+# bios,uefi on x86-64, uefi on arm64), and which firmware the boot check starts.
+FIRMWARE = {"": None, "bios": "bios", "uefi": "uefi", "bios,uefi": None, "none": "none"}
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,11 @@ class ActionInputs:
                 "give the action exactly one of the inputs recipe and image",
                 hint="recipe: a folder with recipe.toml; image: e.g. docker://ghcr.io/me/img:1",
             )
-        if inputs.firmware not in BIOS_FIRMWARE:
+        if inputs.firmware not in FIRMWARE:
             raise UsageError(
-                f"input firmware: {inputs.firmware!r} is not supported yet",
-                hint="the boot check starts the disk's own kernel under QEMU's SeaBIOS "
-                "(firmware: bios)",
+                f"input firmware: {inputs.firmware!r} is not one oci2disk knows",
+                hint="write bios,uefi (both, the default on x86-64), bios, uefi, or none "
+                "(no bootloader: the boot check hands QEMU the kernel)",
             )
         return inputs
 
@@ -145,6 +147,8 @@ def run_action(inputs: ActionInputs, workspace: Path) -> ActionResult:
             args += ["--platform", inputs.platform]
         for build_arg in inputs.build_args:
             args += ["--build-arg", build_arg]
+        if inputs.firmware:
+            args += ["--firmware", inputs.firmware]
         try:
             data: dict[str, Any] = json.loads(_oci2disk(args, json_out=True))
         finally:
@@ -155,9 +159,11 @@ def run_action(inputs: ActionInputs, workspace: Path) -> ActionResult:
         if inputs.expect:
             disk = _boot_disk(data)
             log_file = disk.with_name(disk.name + ".boot.log")
+            firmware = FIRMWARE[inputs.firmware]
             _oci2disk(
                 ["boot", os.fspath(disk), "--expect", inputs.expect,
-                 "--timeout", str(inputs.timeout), "--log", os.fspath(log_file)],
+                 "--timeout", str(inputs.timeout), "--log", os.fspath(log_file),
+                 *(("--firmware", firmware) if firmware else ())],
                 json_out=False,
             )  # fmt: skip
             boot_log = log_file
