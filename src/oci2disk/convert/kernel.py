@@ -17,6 +17,7 @@ import io
 import logging
 import lzma
 import struct
+import subprocess
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,7 +86,7 @@ _CODECS = (
 )
 
 
-def extract_vmlinux(vmlinuz: bytes, workdir: Path) -> bytes:
+def extract_vmlinux(vmlinuz: bytes, workdir: Path) -> bytes | bytearray:
     """The ELF kernel inside a compressed kernel image (or the image, if it is ELF)."""
     if vmlinuz.startswith(ELF_MAGIC):
         return vmlinuz
@@ -114,7 +115,7 @@ def extract_vmlinux(vmlinuz: bytes, workdir: Path) -> bytes:
     )
 
 
-def _non_elf_kind(data: bytes) -> str | None:
+def _non_elf_kind(data: bytes | bytearray) -> str | None:
     """Kernel images with no ELF file inside: the arm64 and riscv64 Image (headers in
     the kernel's Documentation/arch/*/booting.rst) and EFI zboot (an Image, compressed)."""
     if data[:2] == b"MZ" and data[4:8] == b"zimg":
@@ -162,7 +163,7 @@ def _bzimage_payload(data: bytes) -> int | None:
 VMLINUX_MAX = 256 << 20
 
 
-def _decompress(codec: Compression, data: bytes, workdir: Path) -> bytes | None:
+def _decompress(codec: Compression, data: bytes, workdir: Path) -> bytes | bytearray | None:
     """The payload decompressed: only its head (enough to tell what it is) when it is no
     ELF file, else at most VMLINUX_MAX bytes, so that no payload takes more memory than a
     kernel would."""
@@ -184,42 +185,80 @@ def _decompress(codec: Compression, data: bytes, workdir: Path) -> bytes | None:
     return elf
 
 
-def _inflate(codec: Compression, data: bytes, limit: int) -> bytes:
-    """At most ``limit`` bytes of ``data`` decompressed, whatever it would inflate to."""
+def _inflate(codec: Compression, data: bytes, limit: int) -> bytearray:
+    """At most ``limit`` bytes of ``data`` decompressed, whatever it would inflate to.
+
+    Chunk by chunk into one growing buffer (grown in place, never copied whole), so a
+    payload costs about ``limit`` bytes of memory at most.
+    """
+    out = bytearray()
     if codec is Compression.GZIP:
-        return zlib.decompressobj(wbits=31).decompress(data, limit)
-    if codec in (Compression.XZ, Compression.LZMA):
+        inflater = zlib.decompressobj(wbits=31)
+        tail = data
+        while len(out) < limit and not inflater.eof:
+            chunk = inflater.decompress(tail, min(CHUNK, limit - len(out)))
+            tail = inflater.unconsumed_tail
+            if not chunk:
+                break
+            out += chunk
+        return out
+    if codec in (Compression.XZ, Compression.LZMA, Compression.BZIP2):
         form = lzma.FORMAT_XZ if codec is Compression.XZ else lzma.FORMAT_ALONE
-        return lzma.LZMADecompressor(format=form).decompress(data, max_length=limit)
-    if codec is Compression.BZIP2:
-        return bz2.BZ2Decompressor().decompress(data, max_length=limit)
+        decoder: lzma.LZMADecompressor | bz2.BZ2Decompressor = (
+            bz2.BZ2Decompressor()
+            if codec is Compression.BZIP2
+            else lzma.LZMADecompressor(format=form)
+        )
+        pending = data
+        while len(out) < limit and not decoder.eof:
+            chunk = decoder.decompress(pending, max_length=min(CHUNK, limit - len(out)))
+            pending = b""
+            if not chunk and decoder.needs_input:
+                break
+            out += chunk
+        return out
     if codec is Compression.ZSTD:
         reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
-        out = bytearray()
         while len(out) < limit:
             try:
-                chunk = reader.read(min(CHUNK, limit - len(out)))
+                piece = reader.read(min(CHUNK, limit - len(out)))
             except zstandard.ZstdError:
                 if not out:
                     raise
                 break  # the data after the frame (a kernel image goes on)
-            if not chunk:
+            if not piece:
                 break
-            out += chunk
-        return bytes(out)
-    return codec.decompress_bytes(data)[:limit]
+            out += piece
+        return out
+    return bytearray(codec.decompress_bytes(data)[:limit])
 
 
 def _unlz4(data: bytes, workdir: Path) -> bytes | None:
     # The kernel's lz4 payload is followed by other data, which lz4 reports as an error
     # after it wrote the kernel: its exit status is not what tells success here.
+    # Read as a stream and capped like the other codecs: lz4 stops when its pipe closes.
     source = workdir / "payload.lz4"
     source.write_bytes(data)
     try:
-        proc = run.run(["lz4", "-dc", str(source)], check=False)
+        proc = run.start(
+            ["lz4", "-dc", str(source)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert proc.stdout is not None
+        try:
+            out = proc.stdout.read(VMLINUX_MAX + 1)
+        finally:
+            proc.stdout.close()
+            proc.kill()
+            proc.wait()
     finally:
         source.unlink(missing_ok=True)
-    return proc.stdout or None
+    if len(out) > VMLINUX_MAX:
+        raise ConvertError(
+            f"the kernel image's lz4 payload decompresses to more than "
+            f"{VMLINUX_MAX >> 20} MiB: that is no kernel",
+            hint="check the image's /boot; drop --vmlinux (vmlinux = true) to skip this",
+        )
+    return out or None
 
 
 # ------------------------------------------------------------------ the kernel format
