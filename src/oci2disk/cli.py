@@ -359,7 +359,7 @@ def _os_error(exc: OSError, args: argparse.Namespace) -> Oci2DiskError:
         folders["the temporary files (OCI2DISK_TMPDIR)"] = temp_base()
         free = "; ".join(f"{what} {path}: {_free(path)} free" for what, path in folders.items())
         return Oci2DiskError(
-            f"a filesystem is full ({text}); {free}",
+            f"a filesystem is full ({text}); {free}{_needed(args)}",
             hint="free space there, or write the outputs (-o) or the temporary files "
             "(OCI2DISK_TMPDIR) to a filesystem with more room",
         )
@@ -370,6 +370,26 @@ def _os_error(exc: OSError, args: argparse.Namespace) -> Oci2DiskError:
             f"{text}: larger than its filesystem allows", hint="choose a smaller --size"
         )
     return Oci2DiskError(text)
+
+
+def _needed(args: argparse.Namespace) -> str:
+    """What the temporary files need at least: the image's layers, unpacked once."""
+    source = getattr(args, "source", None)
+    if not isinstance(source, str) or ":" not in source:
+        return ""
+    transport, _, rest = source.partition(":")
+    path = Path(rest)
+    if transport not in ("oci-archive", "docker-archive", "rootfs", "disk", "iso"):
+        return ""
+    if transport in ("disk", "iso", "rootfs") and not path.is_file():
+        path = Path(rest.rsplit(":", 1)[0])
+    if not path.is_file():
+        return ""
+    size = path.stat().st_size
+    return (
+        f"; the source {path} is {size / (1 << 20):.0f} MiB, and its layers take at least "
+        "that much in the temporary files"
+    )
 
 
 def _free(path: Path) -> str:

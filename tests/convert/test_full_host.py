@@ -51,4 +51,5 @@ def test_a_full_temporary_filesystem_is_not_a_bad_archive(small_fs: Path, tmp_pa
     )  # fmt: skip
     assert result.code == 1
     assert "a filesystem is full" in result.stderr and str(small_fs) in result.stderr
+    assert f"the source {archive} is 20 MiB" in result.stderr  # how much was needed
     assert "not a readable" not in result.stderr and "Traceback" not in result.stderr
