@@ -220,6 +220,22 @@ def test_two_conversions_give_the_same_bytes(work: Path) -> None:
         path.unlink()
 
 
+def test_changed_boot_code_of_a_bootable_disk_is_found(work: Path) -> None:
+    """verify compares the MBR's code with GRUB's boot.img as oci2disk patched it."""
+    source = f"docker-archive:{work / 'image.tar'}"
+    target = work / "tampered.raw"
+    made = oci2disk("-q", "convert", source, "-f", "raw", "--firmware", "bios", "-o", str(target))
+    assert made.code == 0, made.stderr
+    same = oci2disk("verify", os.fspath(target), "--against", source, "--firmware", "bios")
+    assert same.code == 0, same.stdout + same.stderr
+    with target.open("r+b") as f:
+        f.seek(0x80)  # inside boot.img's code, away from every field setup patches
+        f.write(b"\x90\x90\xeb\xfe")
+    check = oci2disk("verify", os.fspath(target), "--against", source, "--firmware", "bios")
+    assert check.code == 1 and "boot sector" in check.stdout, check.stdout + check.stderr
+    target.unlink()
+
+
 def test_a_bare_filesystem_of_a_kernel_image_verifies_without_options(work: Path) -> None:
     """`-f fs` writes no table and so no bootloader; verify sees that, unasked."""
     source = f"docker-archive:{work / 'image.tar'}"

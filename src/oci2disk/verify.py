@@ -315,7 +315,40 @@ def boot_differences(artifact: Path, tree: Tree, job: Job, workdir: Path) -> lis
             cfg = f.read()
     for where, what in bootfiles.problems(probed, tree.uuid, cfg):
         found.append(Difference(where, "bootloader", "a disk that boots on its own", what))
+    if job.boot.bios and has.bios:
+        found += _boot_code_differences(probed.head[:SECTOR], tree, workdir)
     return found
+
+
+SECTOR = 512
+
+
+def _boot_code_differences(sector0: bytes, tree: Tree, workdir: Path) -> list[Difference]:
+    """The MBR's code is GRUB's boot.img as oci2disk patches it, byte for byte: only the
+    fields grub-bios-setup sets (core.img's sector, the drive), the partition table and
+    the BPB may differ from the module folder's boot.img."""
+    from oci2disk.bootloader import GrubTarget
+    from oci2disk.bootloader.grub_pc import KERNEL_SECTOR, boot_image, patch_boot_sector
+    from oci2disk.convert import bootable
+
+    if len(sector0) < SECTOR:
+        return [Difference("MBR", "boot sector", "GRUB's boot.img", "a short read")]
+    folder = bootable.modules(tree, GrubTarget.I386_PC, workdir / "grub-modules")
+    core_sector = int.from_bytes(sector0[KERNEL_SECTOR : KERNEL_SECTOR + 8], "little")
+    if core_sector < 1:
+        return [Difference("MBR", "boot sector", "GRUB's boot.img", "no core.img sector")]
+    expected = patch_boot_sector(boot_image(folder.path), sector0, core_sector)
+    if expected == sector0:
+        return []
+    first = next(i for i, (a, b) in enumerate(zip(expected, sector0, strict=True)) if a != b)
+    return [
+        Difference(
+            "MBR",
+            "boot sector",
+            f"GRUB's boot.img ({folder.origin})",
+            f"other code at byte {first}",
+        )
+    ]
 
 
 def cpio_checks(tree: Tree, job: Job) -> list[Difference]:
