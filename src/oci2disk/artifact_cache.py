@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -50,6 +51,18 @@ def _base(outputs: Mapping[Format, Path]) -> Path:
     return Path(os.path.commonpath([os.fspath(p.parent) for p in outputs.values()]))
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 over oci2disk's own source files: a changed converter (an edited checkout,
+    an upgrade that kept the version string) never re-uses outputs made by other code."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def key(image: OciImage, outputs: Mapping[Format, Path], options: ConvertOptions) -> str:
     base = _base(outputs)
     data = {
@@ -58,6 +71,7 @@ def key(image: OciImage, outputs: Mapping[Format, Path], options: ConvertOptions
         # how many converters run at once changes no output
         "options": _canonical(dataclasses.replace(options, jobs=None)),
         "oci2disk": __version__,
+        "code": code_fingerprint(),
     }
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
