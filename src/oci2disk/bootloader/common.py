@@ -9,7 +9,8 @@ import enum
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -101,6 +102,38 @@ def require_modules_dir(modules_dir: Path, target: GrubTarget) -> None:
             hint=f"use the host's own module folder ({os.fspath(target.host_modules_dir)}), "
             f"or install grub-common {have} on the host (Debian bookworm-backports has 2.12)",
         )
+
+
+def mkimage(
+    modules_dir: Path, target: GrubTarget, early_config: str, modules: Sequence[str], what: str
+) -> bytes:
+    """``grub-mkimage`` of ``target`` from ``modules_dir`` with ``early_config`` embedded
+    and prefix /boot/grub: core.img for i386-pc, the EFI executable for the EFI targets."""
+    require_modules_dir(modules_dir, target)
+    with tempfile.TemporaryDirectory(prefix="oci2disk-grub-") as tmp:
+        config = Path(tmp, "early.cfg")
+        config.write_text(early_config)
+        out = Path(tmp, "grub.img")
+        run.run(
+            [
+                "grub-mkimage",
+                "--format",
+                target.value,
+                "--directory",
+                os.fspath(modules_dir),
+                "--prefix",
+                "/boot/grub",
+                "--config",
+                os.fspath(config),
+                "--output",
+                os.fspath(out),
+                *modules,
+            ],
+            what=f"grub-mkimage could not build {what}",
+            hint=f"check that {os.fspath(modules_dir)} is a complete GRUB {target.value} "
+            f"module folder ({target.debian_package}) of the same GRUB version as grub-mkimage",
+        )
+        return out.read_bytes()
 
 
 def write_modules_dir(

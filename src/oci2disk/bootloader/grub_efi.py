@@ -14,14 +14,10 @@ Host tools: grub-mkimage (Debian grub-common) with modules from grub-efi-amd64-b
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from oci2disk import run
-from oci2disk.bootloader.common import BootloaderError, GrubTarget
-from oci2disk.bootloader.common import require_modules_dir as _require_modules_dir
+from oci2disk.bootloader.common import BootloaderError, GrubTarget, mkimage
 from oci2disk.bootloader.grubcfg import early_config, image_modules
 
 
@@ -35,32 +31,13 @@ def build_efi_image(
     """A standalone GRUB EFI executable that boots ($root)/boot/grub/grub.cfg by UUID."""
     if not target.is_efi:
         raise BootloaderError(f"GRUB {target.value} is not an EFI target")
-    _require_modules_dir(modules_dir, target)
-    with tempfile.TemporaryDirectory(prefix="oci2disk-grub-efi-") as tmp:
-        config = Path(tmp, "early.cfg")
-        config.write_text(early_config(root_uuid))
-        out = Path(tmp, "grub.efi")
-        run.run(
-            [
-                "grub-mkimage",
-                "--format",
-                target.value,
-                "--directory",
-                os.fspath(modules_dir),
-                "--prefix",
-                "/boot/grub",
-                "--config",
-                os.fspath(config),
-                "--output",
-                os.fspath(out),
-                *image_modules(target),
-                *extra_modules,
-            ],
-            what=f"grub-mkimage could not build the GRUB {target.value} image",
-            hint=f"check that {os.fspath(modules_dir)} is a complete GRUB {target.value} "
-            f"module folder ({target.debian_package}) of the same GRUB version as grub-mkimage",
-        )
-        return out.read_bytes()
+    return mkimage(
+        modules_dir,
+        target,
+        early_config(root_uuid),
+        [*image_modules(target), *extra_modules],
+        f"the GRUB {target.value} image",
+    )
 
 
 def esp_files(target: GrubTarget, efi_image: bytes) -> dict[str, bytes]:

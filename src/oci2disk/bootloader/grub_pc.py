@@ -26,12 +26,17 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from oci2disk import run
-from oci2disk.bootloader.common import SECTOR, BootloaderError, GrubTarget, read_at, write_at
+from oci2disk.bootloader.common import (
+    SECTOR,
+    BootloaderError,
+    GrubTarget,
+    mkimage,
+    read_at,
+    write_at,
+)
 from oci2disk.bootloader.common import require_modules_dir as _require_modules_dir
 from oci2disk.bootloader.grubcfg import early_config, image_modules
 
@@ -60,32 +65,13 @@ def build_core_image(
     """core.img for i386-pc that finds the root filesystem by UUID and reads
     ($root)/boot/grub/grub.cfg. The bytes depend only on the modules and the UUID."""
     target = GrubTarget.I386_PC
-    _require_modules_dir(modules_dir, target)
-    modules = [*image_modules(target), *extra_modules]
-    with tempfile.TemporaryDirectory(prefix="oci2disk-grub-") as tmp:
-        config = Path(tmp, "early.cfg")
-        config.write_text(early_config(root_uuid))
-        out = Path(tmp, "core.img")
-        run.run(
-            [
-                "grub-mkimage",
-                "--format",
-                target.value,
-                "--directory",
-                os.fspath(modules_dir),
-                "--prefix",
-                "/boot/grub",
-                "--config",
-                os.fspath(config),
-                "--output",
-                os.fspath(out),
-                *modules,
-            ],
-            what="grub-mkimage could not build core.img",
-            hint=f"check that {os.fspath(modules_dir)} is a complete GRUB i386-pc module "
-            "folder (Debian grub-pc-bin) of the same GRUB version as grub-mkimage",
-        )
-        core = out.read_bytes()
+    core = mkimage(
+        modules_dir,
+        target,
+        early_config(root_uuid),
+        [*image_modules(target), *extra_modules],
+        "core.img",
+    )
     sectors = -(-len(core) // SECTOR)
     if sectors > MAX_CORE_SECTORS:
         raise BootloaderError(
