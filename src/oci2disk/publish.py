@@ -46,7 +46,7 @@ from oci2disk.oci.layout import (
     canonical_json,
     remember_verified,
 )
-from oci2disk.oci.transports import tls_flag
+from oci2disk.oci.transports import connection_hint, tls_flag
 from oci2disk.refs import ImageRef, Transport, parse_ref
 
 log = logging.getLogger("oci2disk.publish")
@@ -435,13 +435,8 @@ def _push_error(dest: ImageRef, exc: CommandError) -> PushError:
     text = exc.stderr_tail
     if "unauthorized" in text or "authentication required" in text or "denied" in text:
         hint = f"log in first: `docker login {dest.registry}` (or skopeo login)"
-    elif "connection refused" in text or "no such host" in text or "i/o timeout" in text:
-        hint = f"no registry answers at {dest.registry}; check the address and that it runs"
-    elif "server gave HTTP response to HTTPS client" in text:
-        hint = (
-            f"{dest.registry} speaks plain HTTP; mark it insecure in "
-            "/etc/containers/registries.conf ([[registry]] location=... insecure=true)"
-        )
+    elif connected := connection_hint(text, dest.registry or "docker.io"):
+        hint = connected
     else:
         hint = "check the reference and that the registry accepts pushes"
     tail = "\n".join(line for line in text.splitlines() if "level=debug" not in line)

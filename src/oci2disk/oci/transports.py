@@ -91,18 +91,25 @@ def from_registry(ref: ImageRef, workdir: Path, platform: Platform | None) -> Oc
     return check_platform(open_layout(dest, None), platform, str(ref))
 
 
+def connection_hint(text: str, registry: str) -> str | None:
+    """What to do when skopeo could not talk to ``registry`` at all (pulls and pushes)."""
+    if "connection refused" in text or "no such host" in text or "i/o timeout" in text:
+        return f"no registry answers at {registry}; check the address and that it runs"
+    if "server gave HTTP response to HTTPS client" in text:
+        return (
+            f"{registry} speaks plain HTTP; mark it insecure in "
+            "/etc/containers/registries.conf ([[registry]] location=... insecure=true)"
+        )
+    return None
+
+
 def _registry_error(ref: ImageRef, exc: CommandError) -> Oci2DiskError:
     text = exc.stderr_tail
     registry = ref.registry or "docker.io"
     if "manifest unknown" in text or "name unknown" in text or "not found" in text:
         hint = f"the registry {registry} has no image {ref.image_name}; check name and tag"
-    elif "connection refused" in text or "no such host" in text or "i/o timeout" in text:
-        hint = f"no registry answers at {registry}; check the address and that it runs"
-    elif "http: server gave HTTP response to HTTPS client" in text:
-        hint = (
-            f"{registry} speaks plain HTTP; mark it insecure in "
-            "/etc/containers/registries.conf ([[registry]] location=... insecure=true)"
-        )
+    elif connected := connection_hint(text, registry):
+        hint = connected
     elif "no image found in manifest list" in text or "no matching manifest" in text:
         hint = "the image has no variant for this platform; pass --platform OS/ARCH"
     else:
