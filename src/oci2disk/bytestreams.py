@@ -15,7 +15,9 @@ import errno
 import hashlib
 import io
 import os
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO, Protocol
 
@@ -94,6 +96,84 @@ class RunReader(io.RawIOBase):
         super().close()
 
 
+class ForwardReader:
+    """A stream read front to back, that tells its position and "seeks" forward by
+    reading and dropping: what tarfile needs to walk an archive arriving over a socket
+    while the caller reads the members' data itself, in large pieces."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.position = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self.raw.read(size)
+        self.position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET, /) -> int:
+        target = pos if whence == os.SEEK_SET else self.position + pos
+        if whence not in (os.SEEK_SET, os.SEEK_CUR) or target < self.position:
+            raise io.UnsupportedOperation("a stream only seeks forward")
+        while self.position < target:
+            if not self.read(min(CHUNK, target - self.position)):
+                break  # the end: the next read tells the caller
+        return self.position
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+class HashingCopier:
+    """Writes chunks to a file and hashes them on a thread of its own, so that reading
+    the next chunk (from a socket, a decompressor) overlaps both: sha256 and file
+    writes release the GIL. ``write`` queues; ``finish`` waits and returns
+    (sha256 hex, size). At most ``depth`` chunks wait in memory."""
+
+    def __init__(self, out: BinaryIO, depth: int = 8) -> None:
+        self.out = out
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="oci2disk-hash", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the writer learns of the error at its next write
+            try:
+                self.sha.update(chunk)
+                self.out.write(chunk)
+                self.size += len(chunk)
+            except BaseException as exc:  # re-raised in the caller's thread
+                self._error = exc
+
+    def write(self, chunk: bytes) -> None:
+        if self._error is not None:
+            self.close()
+            raise self._error
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        """Stop the thread (at once or after the queued chunks); safe to call twice."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def finish(self) -> tuple[str, int]:
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self.sha.hexdigest(), self.size
+
+
 class BatchingWriter:
     """Batches small writes (headers, small files) into 1 MiB writes; large ones pass
     straight through. ``pad`` zero-fills to the archive's alignment (512 for tar,
@@ -167,6 +247,62 @@ def sha256_file(path: Path) -> str:
                 h.update(data)
                 position += len(data)
     return h.hexdigest()
+
+
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The (offset, end) ranges of ``fd`` between ``start`` and ``end`` that hold data;
+    the rest are holes (zeros never written)."""
+    position = start
+    while position < end:
+        try:
+            data_at = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                return
+            raise
+        if data_at >= end:
+            return
+        hole_at = min(os.lseek(fd, data_at, os.SEEK_HOLE), end)
+        yield data_at, hole_at
+        position = hole_at
+
+
+def copy_sparse(src: int, dst: int, length: int, src_offset: int = 0, dst_offset: int = 0) -> None:
+    """Copy ``length`` bytes of ``src`` at ``src_offset`` to ``dst`` at ``dst_offset``,
+    leaving the source's holes as holes: only data extents are copied
+    (``copy_file_range``, in the kernel). Where the source has a hole and the target
+    has data, the target gets zeros, so the range ends up equal either way."""
+    shift = dst_offset - src_offset
+    end = src_offset + length
+    position = src_offset
+    for data_at, data_end in data_extents(src, src_offset, end):
+        _zero_data(dst, position + shift, data_at + shift)  # the hole before it
+        position = data_at
+        while position < data_end:
+            try:
+                n = os.copy_file_range(src, dst, data_end - position, position, position + shift)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                data = os.pread(src, min(data_end - position, CHUNK), position)
+                n = os.pwrite(dst, data, position + shift) if data else 0
+            if n == 0:
+                raise OSError(errno.EIO, "the source file shrank while it was being copied")
+            position += n
+    _zero_data(dst, position + shift, end + shift)  # the hole at the end
+
+
+def _zero_data(fd: int, start: int, end: int) -> None:
+    """Make ``fd``'s bytes from ``start`` to ``end`` zeros, writing only where it holds
+    something other than zeros (a new file's holes stay holes)."""
+    if start >= end:
+        return
+    zeros = bytes(CHUNK)
+    for data_at, data_end in list(data_extents(fd, start, end)):
+        for offset in range(data_at, data_end, CHUNK):
+            n = min(CHUNK, data_end - offset)
+            if os.pread(fd, n, offset).count(0) != n:
+                os.pwrite(fd, zeros[:n], offset)
 
 
 class Writable(Protocol):

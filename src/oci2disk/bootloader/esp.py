@@ -23,9 +23,9 @@ from pathlib import Path
 
 from oci2disk import run
 from oci2disk.bootloader.common import SECTOR, BootloaderError, MiB
+from oci2disk.bytestreams import copy_sparse
 
 ESP_LABEL = "EFI"
-_CHUNK = 1 * MiB
 
 
 def make_esp_image(
@@ -109,16 +109,6 @@ def copy_into_disk(image: Path, disk: Path, offset: int, size: int) -> None:
             hint="size the disk file before writing the ESP into it",
         )
     with image.open("rb") as src, disk.open("r+b") as dst:
-        done = 0
-        while done < length:
-            chunk = src.read(_CHUNK)
-            if not chunk:
-                break
-            if chunk.count(0) == len(chunk):
-                dst.seek(offset + done)
-                if dst.read(len(chunk)).count(0) == len(chunk):
-                    done += len(chunk)
-                    continue
-            dst.seek(offset + done)
-            dst.write(chunk)
-            done += len(chunk)
+        # The FAT image is mostly holes: only its data extents are copied (in the
+        # kernel), and the disk's part of the partition stays sparse.
+        copy_sparse(src.fileno(), dst.fileno(), length, 0, offset)

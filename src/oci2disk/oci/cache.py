@@ -40,8 +40,9 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from oci2disk.bytestreams import copy_sparse
 from oci2disk.compression import DECOMPRESS_ERRORS
 from oci2disk.errors import ImageError, Oci2DiskError
 from oci2disk.oci.layers import diff_id_error, open_layer
@@ -54,6 +55,7 @@ from oci2disk.oci.layout import (
     OciImage,
     blob_path,
     canonical_json,
+    image_from_docker_archive,
     load_manifest,
     verify_blob,
 )
@@ -196,6 +198,13 @@ class Cache:
             raise ValueError("the image's blobs are not in this cache")
         text = f"{image.manifest.digest} {image.manifest.size}\n"
         _write_atomic(self.images / _hex(image.config_descriptor.digest), text.encode())
+
+    def add_docker_archive(self, stream: IO[bytes]) -> OciImage:
+        """Read a ``docker save`` stream into the cache (each blob hashed as it arrives)
+        and remember its image; a later run finds it by its config digest."""
+        image = self.uncompressed(image_from_docker_archive(stream, self.root))
+        self.remember_image(image)
+        return image
 
     def uncompressed(self, image: OciImage) -> OciImage:
         """``image`` (its blobs in the cache) with every compressed layer stored
@@ -463,37 +472,9 @@ def clone_file(source: Path, target: Path) -> None:
             return
         except OSError:
             pass
-        _sparse_copy(src.fileno(), dst.fileno(), os.fstat(src.fileno()).st_size)
-
-
-def _sparse_copy(src: int, dst: int, size: int) -> None:
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(src, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole is left
-                break
-            raise
-        end = os.lseek(src, start, os.SEEK_HOLE)
-        position = start
-        while position < end:
-            try:
-                n = os.copy_file_range(src, dst, end - position, position, position)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                n = _copy_range(src, dst, position, end - position)
-            if n == 0:
-                break
-            position += n
-        offset = end
-    os.ftruncate(dst, size)
-
-
-def _copy_range(src: int, dst: int, offset: int, length: int) -> int:
-    data = os.pread(src, min(length, 1 << 20), offset)
-    return os.pwrite(dst, data, offset)
+        size = os.fstat(src.fileno()).st_size
+        os.ftruncate(dst.fileno(), size)
+        copy_sparse(src.fileno(), dst.fileno(), size)
 
 
 def _stamp(path: Path) -> list[int]:
