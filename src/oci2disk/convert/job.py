@@ -5,10 +5,13 @@ Host tools: those of :mod:`oci2disk.convert.disk`, for the raw disk.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
@@ -127,29 +130,46 @@ class Job:
             extra = self.generated
             root = root.edited(dirs=self.dirs_for(disk_output=True))
         label = f"mke2fs -d ({self.identity.fs.value}, {disk.human(layout.fs_bytes)})"
-        with self.progress.step(f"writing {label} into {path.name}"):
-            disk.write_filesystem(
-                root,
-                path,
-                layout,
-                self.identity,
-                extra=extra,
-                timestamp=self.timestamp,
-                wrap=lambda sink: self.stream(sink, "rootfs stream"),
-            )
-            disk.apply_extra_xattrs(self.rootfs, path, layout, self.workspace.subdir("xattrs"))
-        if layout.boot is not None and self.boot is not None:
-            with self.progress.step(f"installing GRUB for {self.boot.names()} into {path.name}"):
-                self.installed = disk.install_bootloaders(
-                    self.boot,
-                    self.rootfs,
+        # GRUB goes into parts of the file mke2fs never writes (sector 0, the BIOS boot
+        # partition, the ESP) and reads the flattened tree, not the new filesystem: it
+        # is installed while mke2fs runs, on the other core.
+        with ThreadPoolExecutor(1, thread_name_prefix="grub") as pool:
+            grub: Future[bootable.Installed] | None = None
+            if layout.boot is not None and self.boot is not None:
+                grub = pool.submit(contextvars.copy_context().run, self._grub, path, layout)
+            with self.progress.step(f"writing {label} into {path.name}"):
+                disk.write_filesystem(
+                    root,
                     path,
                     layout,
                     self.identity,
-                    seed=self.seed,
-                    epoch=self.timestamp,
-                    workdir=self.workspace.subdir("bootloader"),
+                    extra=extra,
+                    timestamp=self.timestamp,
+                    wrap=lambda sink: self.stream(sink, "rootfs stream"),
                 )
+                disk.apply_extra_xattrs(self.rootfs, path, layout, self.workspace.subdir("xattrs"))
+            if grub is not None:
+                self.installed = grub.result()
+        return layout
+
+    def _grub(self, path: Path, layout: disk.DiskLayout) -> bootable.Installed:
+        assert self.boot is not None
+        start = time.monotonic()
+        installed = disk.install_bootloaders(
+            self.boot,
+            self.rootfs,
+            path,
+            layout,
+            self.identity,
+            seed=self.seed,
+            epoch=self.timestamp,
+            workdir=self.workspace.subdir("bootloader"),
+        )
+        self.progress.message(
+            f"    GRUB for {self.boot.names()} installed into {path.name} beside mke2fs "
+            f"in {time.monotonic() - start:.1f} s"
+        )
+        return installed
         return layout
 
     def raw_disk(self) -> Path:
