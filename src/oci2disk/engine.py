@@ -31,7 +31,7 @@ from typing import Any
 from oci2disk import progress
 from oci2disk.errors import BuildError, ImageError, Oci2DiskError
 from oci2disk.oci import cache
-from oci2disk.oci.layout import OciImage, image_from_docker_archive, layout_from_docker_archive
+from oci2disk.oci.layout import OciImage, layout_from_docker_archive
 
 log = logging.getLogger("oci2disk.engine")
 
@@ -171,7 +171,7 @@ class _ChunkReader(io.RawIOBase):
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._buf = b""
+        self._buf = memoryview(b"")  # what is left of the last chunk, never copied
 
     def readable(self) -> bool:
         return True
@@ -179,7 +179,7 @@ class _ChunkReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         while not self._buf:
             try:
-                self._buf = next(self._chunks)
+                self._buf = memoryview(next(self._chunks))
             except StopIteration:
                 return 0
         n = min(len(buffer), len(self._buf))
@@ -220,9 +220,7 @@ def save_to_layout(name: str, layout: Path, tag: str | None = None) -> OciImage:
         )
         if store is None:
             return layout_from_docker_archive(stream, layout, tag)
-        image = store.uncompressed(image_from_docker_archive(stream, store.root))
-        store.remember_image(image)
-        return image
+        return store.add_docker_archive(stream)
     except Oci2DiskError:
         raise
     except Exception as exc:

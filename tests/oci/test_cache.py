@@ -130,6 +130,26 @@ def test_a_cache_hit_reads_nothing_from_the_engine_but_its_inspect(
     assert only_inspect(engine), engine.paths()
 
 
+def test_a_docker_archive_read_with_a_cache_serves_the_engine_image_too(
+    tiny_image: str, engine: Recorder, tmp_path: Path
+) -> None:
+    """A docker-archive: streams into the cache like the engine's own save: the engine's
+    copy of that image is then found by its Id, and nothing but inspect is asked for."""
+    archive = tmp_path / "tiny.tar"
+    subprocess.run(["docker", "save", "-o", os.fspath(archive), tiny_image], check=True)
+    cache_dir = tmp_path / "cache"
+    from_file = tmp_path / "from-archive.tar"
+    result = oci2disk(
+        "convert", f"docker-archive:{archive}", "-f", "tar", "-o", os.fspath(from_file),
+        "--cache-dir", os.fspath(cache_dir),
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    engine.clear()
+    convert(tiny_image, tmp_path / "from-engine.tar", cache_dir, engine)
+    assert only_inspect(engine), engine.paths()
+    assert (tmp_path / "from-engine.tar").read_bytes() == from_file.read_bytes()
+
+
 def test_no_cache_reads_everything_afresh(
     tiny_image: str, engine: Recorder, tmp_path: Path
 ) -> None:

@@ -18,12 +18,13 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
 from oci2disk.arch import Arch
+from oci2disk.bytestreams import CHUNK, ForwardReader, HashingCopier
 from oci2disk.errors import ImageError
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -50,7 +51,8 @@ LAYER_COMPRESSION = {
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
 }
 REF_NAME = "org.opencontainers.image.ref.name"
-CHUNK = 1 << 20
+# An image config, manifest or docker-archive manifest.json larger than this is not one.
+MAX_JSON = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -451,16 +453,22 @@ class LayoutWriter:
         return Descriptor(media_type, digest, len(data))
 
     def add_stream(self, stream: IO[bytes], media_type: str) -> Descriptor:
+        return self.add_chunks(iter(lambda: stream.read(CHUNK), b""), media_type)
+
+    def add_chunks(self, chunks: Iterable[bytes], media_type: str) -> Descriptor:
+        """Store a blob arriving in pieces; it is hashed and written on another thread
+        while the next piece is read."""
         fd, tmpname = tempfile.mkstemp(dir=self.layout / "blobs" / "sha256", prefix=".in-")
         try:
-            h = hashlib.sha256()
-            size = 0
             with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            digest = "sha256:" + h.hexdigest()
+                copier = HashingCopier(out)
+                try:
+                    for chunk in chunks:
+                        copier.write(chunk)
+                finally:
+                    copier.close()
+                hexdigest, size = copier.finish()
+            digest = "sha256:" + hexdigest
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmpname)
@@ -543,30 +551,28 @@ def _read_docker_archive(stream: IO[bytes], writer: LayoutWriter) -> Descriptor:
     by_name: dict[str, Descriptor] = {}
     links: dict[str, str] = {}
     manifest_json: list[dict[str, Any]] | None = None
+    # tarfile reads the headers; the layers' data is read here in 1 MiB pieces (tarfile's
+    # stream mode reads 10 KiB at a time and copied every byte several times: it took
+    # longer than the engine took to send the image).
+    reader = ForwardReader(stream)
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                name = os.path.normpath(member.name)
-                if member.issym() or member.islnk():
-                    base = os.path.dirname(name) if member.issym() else ""
-                    links[name] = os.path.normpath(os.path.join(base, member.linkname))
-                    continue
-                if not member.isfile():
-                    continue
-                f = tar.extractfile(member)
-                assert f is not None
-                if name == "manifest.json":
-                    manifest_json = json.loads(f.read())
-                elif name.endswith(".json") and "/" not in name and name != "repositories":
-                    by_name[name] = writer.add_bytes(f.read(), MT_OCI_CONFIG)
-                elif name.endswith(".tar") or name.startswith("blobs/"):
-                    magic = cast(io.BufferedReader, f).peek(4)[:4]
-                    media_type = next(
-                        (mt for prefix, mt in _MAGIC_MEDIA_TYPES if magic.startswith(prefix)),
-                        MT_OCI_LAYER,
-                    )
-                    by_name[name] = writer.add_stream(f, media_type)
-    except (tarfile.TarError, OSError, ValueError) as exc:
+        tar = tarfile.TarFile(fileobj=cast(IO[bytes], reader), mode="r")
+        for member in tar:
+            tar.members = []  # type: ignore[attr-defined]  # nothing to remember
+            name = os.path.normpath(member.name)
+            if member.issym() or member.islnk():
+                base = os.path.dirname(name) if member.issym() else ""
+                links[name] = os.path.normpath(os.path.join(base, member.linkname))
+                continue
+            if not member.isfile() or member.sparse is not None:
+                continue
+            if name == "manifest.json":
+                manifest_json = json.loads(_read_exactly(reader, member.size))
+            elif name.endswith(".json") and "/" not in name and name != "repositories":
+                by_name[name] = writer.add_bytes(_read_exactly(reader, member.size), MT_OCI_CONFIG)
+            elif name.endswith(".tar") or name.startswith("blobs/"):
+                by_name[name] = _store_member(reader, member.size, writer)
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise  # the workspace's filesystem is full: the archive is fine
         raise ImageError(f"not a readable docker-archive ({exc})") from None
@@ -598,6 +604,39 @@ def _read_docker_archive(stream: IO[bytes], writer: LayoutWriter) -> Descriptor:
         "layers": [layer.to_json() for layer in layers],
     }
     return writer.add_bytes(canonical_json(manifest), MT_OCI_MANIFEST)
+
+
+def _read_exactly(reader: ForwardReader, size: int) -> bytes:
+    if size > MAX_JSON:
+        raise ImageError(f"a JSON file of {size} bytes in a docker-archive is not an image's")
+    data = reader.read(size)
+    if len(data) != size:
+        raise EOFError("the archive ends inside a file")
+    return data
+
+
+def _store_member(reader: ForwardReader, size: int, writer: LayoutWriter) -> Descriptor:
+    """A layer (or Docker >= 25's blob) of a docker-archive, read in pieces into a blob;
+    a gzip or zstd layer keeps its compression (``docker load`` takes those too)."""
+    first = reader.read(min(size, CHUNK))
+    media_type = next(
+        (mt for prefix, mt in _MAGIC_MEDIA_TYPES if first.startswith(prefix)), MT_OCI_LAYER
+    )
+
+    def chunks() -> Iterator[bytes]:
+        left = size - len(first)
+        if first:
+            yield first
+        while left > 0:
+            chunk = reader.read(min(CHUNK, left))
+            if not chunk:
+                raise EOFError("the archive ends inside a layer")
+            left -= len(chunk)
+            yield chunk
+        if len(first) < min(size, CHUNK):
+            raise EOFError("the archive ends inside a layer")
+
+    return writer.add_chunks(chunks(), media_type)
 
 
 def layout_from_rootfs_tar(

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from oci2disk import engine
 from oci2disk.errors import ImageError
-from oci2disk.oci import transports
+from oci2disk.oci import cache, transports
 from oci2disk.oci.layout import (
     OciImage,
     Platform,
@@ -60,7 +60,10 @@ def from_engine(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciI
 
 def from_docker_archive(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
     _require_file(ref)
+    store = cache.active()
     with ref.path.open("rb") as stream:
+        if store is not None:  # its layers kept by digest, like the engine's images
+            return store.add_docker_archive(stream)
         return layout_from_docker_archive(stream, workdir / "image", tag=None)
 
 
