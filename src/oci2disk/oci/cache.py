@@ -9,6 +9,8 @@ in place::
                               manifests, by digest
     images/<config hex>       "<manifest digest> <size>": the image whose config the
                               engine reports as the image Id (``docker image inspect``)
+    indexes/<layer hex>       the layer's tar headers (oci.layers.LayerIndex), made as
+                              it arrived or when it was first flattened
     artifacts/<key>/          finished outputs and meta.json; key = sha256 of (image
                               digest, options, oci2disk version)
     lock                      flock: shared while a run uses the cache, exclusive to evict
@@ -45,7 +47,14 @@ from typing import IO, Any
 from oci2disk.bytestreams import copy_sparse
 from oci2disk.compression import DECOMPRESS_ERRORS
 from oci2disk.errors import ImageError, Oci2DiskError
-from oci2disk.oci.layers import diff_id_error, open_layer
+from oci2disk.oci.layers import (
+    LayerIndex,
+    StreamIndexer,
+    diff_id_error,
+    dump_index,
+    load_index,
+    open_layer,
+)
 from oci2disk.oci.layout import (
     LAYER_COMPRESSION,
     MT_OCI_LAYER,
@@ -129,6 +138,7 @@ class Cache:
         self.blobs = self.root / "blobs" / "sha256"
         self.images = self.root / "images"
         self.artifacts = self.root / "artifacts"
+        self.indexes = self.root / "indexes"
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------ sessions and locks
@@ -136,7 +146,7 @@ class Cache:
     @contextlib.contextmanager
     def session(self) -> Iterator[Cache]:
         """Hold the cache (shared with other runs) for one run; evict at the end."""
-        for folder in (self.blobs, self.images, self.artifacts):
+        for folder in (self.blobs, self.images, self.artifacts, self.indexes):
             folder.mkdir(parents=True, exist_ok=True)
         layout_file = self.root / "oci-layout"
         if not layout_file.exists():
@@ -200,9 +210,12 @@ class Cache:
         _write_atomic(self.images / _hex(image.config_descriptor.digest), text.encode())
 
     def add_docker_archive(self, stream: IO[bytes]) -> OciImage:
-        """Read a ``docker save`` stream into the cache (each blob hashed as it arrives)
-        and remember its image; a later run finds it by its config digest."""
-        image = self.uncompressed(image_from_docker_archive(stream, self.root))
+        """Read a ``docker save`` stream into the cache (each layer hashed and indexed
+        as it arrives) and remember its image; a later run finds it by its config
+        digest."""
+        image = self.uncompressed(
+            image_from_docker_archive(stream, self.root, lambda: _IndexTap(self))
+        )
         self.remember_image(image)
         return image
 
@@ -243,6 +256,26 @@ class Cache:
             "layers": [layer.to_json() for layer in layers],
         }
         return load_manifest(self.root, writer.add_bytes(canonical_json(manifest), MT_OCI_MANIFEST))
+
+    def layer_index(self, digest: str) -> LayerIndex | None:
+        """The stored index of the layer blob ``digest``; a damaged one is removed."""
+        path = self.indexes / _hex(digest)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        index = load_index(data)
+        if index is None:
+            log.warning("cache: discarding the damaged index of layer %s", digest)
+            path.unlink(missing_ok=True)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return index
+
+    def remember_index(self, digest: str, index: LayerIndex) -> None:
+        with contextlib.suppress(OSError):  # a full disk costs a later run a scan
+            _write_atomic(self.indexes / _hex(digest), dump_index(index))
 
     def _discard_image(self, pointer: Path, desc: Descriptor) -> None:
         pointer.unlink(missing_ok=True)
@@ -355,7 +388,7 @@ class Cache:
         ``max_bytes``; return the bytes freed. Needs the exclusive lock."""
         now = time.time()
         entries: list[tuple[float, int, Path]] = []
-        for folder in (self.blobs, self.artifacts, self.images):
+        for folder in (self.blobs, self.artifacts, self.images, self.indexes):
             for path in _children(folder):
                 try:
                     st = path.lstat()
@@ -365,7 +398,7 @@ class Cache:
                     if now - st.st_mtime > STALE_TEMP_SECONDS:
                         _remove_tree(path, folder)
                     continue
-                if folder is not self.images:
+                if folder not in (self.images, self.indexes):  # dropped with their blobs
                     size = _tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
                     entries.append((st.st_mtime, size, path))
         total = sum(size for _, size, _ in entries)
@@ -380,6 +413,9 @@ class Cache:
         return freed
 
     def _drop_dangling_images(self) -> None:
+        for index in _files(self.indexes):
+            if not index.name.startswith(".") and not (self.blobs / index.name).exists():
+                index.unlink(missing_ok=True)
         for pointer in _files(self.images):
             try:
                 digest = pointer.read_text().split()[0]
@@ -400,6 +436,10 @@ class Cache:
             if actual != path.name:
                 bad.append(os.fspath(path))
                 path.unlink(missing_ok=True)
+        for index in _files(self.indexes):
+            if not index.name.startswith(".") and load_index(index.read_bytes()) is None:
+                bad.append(os.fspath(index))
+                index.unlink(missing_ok=True)
         for entry in _dirs(self.artifacts):
             try:
                 meta = json.loads((entry / "meta.json").read_bytes())
@@ -419,6 +459,23 @@ class Cache:
         with self.session():
             self._exclusive(wait=True)
             yield self
+
+
+class _IndexTap:
+    """Indexes an uncompressed layer while it is stored; keeps the index when the
+    layer was stored whole."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.indexer = StreamIndexer()
+
+    def feed(self, chunk: bytes) -> None:
+        self.indexer.feed(chunk)
+
+    def close(self, desc: Descriptor | None) -> None:
+        index = self.indexer.finish()
+        if desc is not None and index is not None:
+            self.cache.remember_index(desc.digest, index)
 
 
 # The cache the running command uses (set by the command line), None when off.

@@ -1,8 +1,15 @@
-"""Layer I/O: a layer blob as its uncompressed tar, its digest and diff_id checked.
+"""Layer I/O: a layer blob as its uncompressed tar, its digest and diff_id checked,
+and its index.
 
 An uncompressed layer is read in place (its blob's digest is its diff_id); a gzip or
 zstd layer is decompressed once, and hashed while it is, into an anonymous temporary
 file that the flattener reads by offset.
+
+A layer's index (:class:`LayerIndex`) is its tar headers in order, each with where
+the member's data lies: all the flattener needs of a layer besides the file data it
+reads by offset. It is made once per layer, as the layer arrives from the engine
+(:class:`StreamIndexer`) or from its blob (:func:`file_members`), and the cache keeps it
+beside the blob (:func:`dump_index`, :func:`load_index`).
 
 Host tools: none (ISA-L's igzip module when installed, for gzip).
 """
@@ -11,15 +18,22 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import marshal
+import os
+import queue
+import tarfile
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 
-from oci2disk.bytestreams import CHUNK
+from oci2disk.bytestreams import CHUNK, ForwardReader
 from oci2disk.compression import DECOMPRESS_ERRORS
-from oci2disk.errors import ImageError
+from oci2disk.errors import ImageError, LayerError
 from oci2disk.oci.layout import LAYER_COMPRESSION, Descriptor, OciImage, open_verified_blob
 
 
@@ -98,3 +112,258 @@ def layer_file(image: OciImage, index: int, workdir: Path) -> IO[bytes]:
     except BaseException:
         out.close()
         raise
+
+
+# ------------------------------------------------------------------- layer indexes
+
+BLOCK = tarfile.BLOCKSIZE
+TAR_ENCODING = "utf-8"
+TAR_ERRORS = "surrogateescape"  # non-UTF-8 names round-trip byte for byte
+# One entry's headers (PAX records, GNU long names, sparse maps) may not exceed this:
+# a hostile layer must not make the flattener allocate what it likes.
+HEADER_LIMIT = 16 << 20
+INDEX_FORMAT = b"oci2disk-layer-index-1\n"
+
+# What the flattener reads of a member, in this order, in a stored index.
+_FIELDS = (
+    "name", "type", "linkname", "mode", "uid", "gid", "size", "mtime",
+    "devmajor", "devminor", "pax_headers", "sparse", "offset_data",
+)  # fmt: skip
+
+
+# A layer with more members than this is scanned on every run instead: its index
+# would cost more memory (about 400 bytes a member) than the scan costs time.
+MAX_INDEXED = 200_000
+
+
+@dataclass(frozen=True)
+class LayerIndex:
+    """A layer's members in tar order, each with the offset of the header after it
+    (where its data, padding included, ends)."""
+
+    members: tuple[tuple[tarfile.TarInfo, int], ...]
+
+
+class _HeaderLimit(Exception):
+    pass
+
+
+class _HeaderReader:
+    """The file object tarfile reads a layer through.
+
+    tarfile reads headers with read() and skips file data with seek(), so every byte
+    read() returns is header data: capping it per entry bounds memory whatever a
+    header claims. A second read at end of file means tarfile is looping on a
+    truncated header (it does on a GNU 1.0 sparse map), so that ends the layer too.
+    """
+
+    def __init__(self, raw: IO[bytes] | ForwardReader) -> None:
+        self.raw = raw
+        self.budget = HEADER_LIMIT
+        self.at_eof = False
+        self.last_at, self.last = 0, b""  # the last read, kept for tail()
+
+    def tail(self, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset`` on, a stream read front to back included:
+        tarfile has read the block at ``offset`` (the end marker) already."""
+        position = self.raw.tell()
+        if position <= offset or self.raw.seekable():
+            self.raw.seek(offset)
+            return self.raw.read(size)
+        if not self.last_at <= offset <= position or position != self.last_at + len(self.last):
+            raise ValueError(f"cannot read the layer again at byte {offset}")
+        head = self.last[offset - self.last_at :][:size]
+        return head + self.raw.read(size - len(head))
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0 or size > self.budget:
+            raise _HeaderLimit
+        self.last_at = self.raw.tell()
+        data = self.last = self.raw.read(size)
+        self.budget -= len(data)
+        if data:
+            self.at_eof = False
+        elif size:
+            if self.at_eof:
+                raise EOFError("the layer ends inside a tar header")
+            self.at_eof = True
+        return data
+
+    def write(self, b: bytes, /) -> int:
+        raise io.UnsupportedOperation("read only")
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET, /) -> int:
+        return self.raw.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        pass
+
+
+def members(
+    layer: IO[bytes] | ForwardReader, digest: str, size: int | None
+) -> Iterator[tuple[tarfile.TarInfo, int]]:
+    """A layer's members with the offset of the header after each, read from its tar
+    headers as they come (never its file data: that is skipped by seeking), so memory
+    stays bounded whatever the layer holds.
+
+    ``size`` is the layer's length when known; only zeros may follow the last header.
+    Raises ``LayerError`` for headers over :data:`HEADER_LIMIT` and ``ImageError``
+    for a tar that cannot be read.
+    """
+    if size == 0:
+        return  # an empty blob is an empty layer
+    layer.seek(0)
+    reader = _HeaderReader(layer)
+    name = "(first entry)"
+    try:
+        tar = tarfile.TarFile(
+            fileobj=cast(IO[bytes], reader), mode="r", encoding=TAR_ENCODING, errors=TAR_ERRORS
+        )
+        while True:
+            reader.budget = HEADER_LIMIT
+            info = tar.next()
+            if info is None:
+                break
+            tar.members = []  # type: ignore[attr-defined]  # the caller keeps what it needs
+            name = info.name
+            yield info, tar.offset
+        end = tar.offset
+        tail = reader.tail(end, 2 * BLOCK)
+    except _HeaderLimit:
+        raise LayerError(
+            f"layer {digest}: entry {name + ' (or the entry after it)'!r}: has more than "
+            f"{HEADER_LIMIT >> 20} MiB of tar headers",
+            hint="the layer is corrupt or hostile",
+        ) from None
+    except (tarfile.TarError, EOFError, ValueError, OverflowError, IndexError) as exc:
+        raise ImageError(
+            f"layer {digest}: not a readable tar after entry {name!r} ({exc})",
+            hint="the layer is corrupt or truncated; export the image again",
+        ) from None
+    if tail.strip(b"\0"):  # tarfile stops quietly at a bad header
+        where = end if tail[:BLOCK].strip(b"\0") else end + BLOCK
+        of = f" of {size}" if size is not None else ""
+        raise ImageError(
+            f"layer {digest}: invalid tar header at byte {where}{of}",
+            hint="the layer is corrupt or truncated; export the image again",
+        )
+
+
+def file_members(layer: IO[bytes], digest: str) -> Iterator[tuple[tarfile.TarInfo, int]]:
+    return members(layer, digest, os.fstat(layer.fileno()).st_size)
+
+
+def indexing(
+    found: Iterator[tuple[tarfile.TarInfo, int]], keep: Callable[[LayerIndex], None]
+) -> Iterator[tuple[tarfile.TarInfo, int]]:
+    """``found`` passed through; when it ends cleanly, with at most
+    :data:`MAX_INDEXED` members, ``keep`` gets them as an index."""
+    kept: list[tuple[tarfile.TarInfo, int]] | None = []
+    for member in found:
+        if kept is not None:
+            kept.append(member)
+            if len(kept) > MAX_INDEXED:
+                kept = None
+        yield member
+    if kept is not None:
+        keep(LayerIndex(tuple(kept)))
+
+
+def dump_index(index: LayerIndex) -> bytes:
+    """The index as bytes to store: a format line, the sha256 of the rest, the rest."""
+    rows = [
+        (*(getattr(info, field) for field in _FIELDS), next_header)
+        for info, next_header in index.members
+    ]
+    body = marshal.dumps(rows)
+    return INDEX_FORMAT + hashlib.sha256(body).digest() + body
+
+
+def load_index(data: bytes) -> LayerIndex | None:
+    """A stored index, or None when it is of another format or damaged."""
+    if not data.startswith(INDEX_FORMAT):
+        return None
+    check, body = data[len(INDEX_FORMAT) : len(INDEX_FORMAT) + 32], data[len(INDEX_FORMAT) + 32 :]
+    if hashlib.sha256(body).digest() != check:
+        return None
+    try:
+        rows: Any = marshal.loads(body)
+        members = []
+        for row in rows:
+            info = tarfile.TarInfo()
+            for field, value in zip(_FIELDS, row, strict=False):
+                setattr(info, field, value)
+            members.append((info, int(row[len(_FIELDS)])))
+    except (ValueError, EOFError, TypeError, IndexError):
+        return None
+    return LayerIndex(tuple(members))
+
+
+class _QueueReader(io.RawIOBase):
+    """The reading end of a queue of chunks (None ends it)."""
+
+    def __init__(self, chunks: queue.Queue[bytes | None]) -> None:
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._buf:
+            if self._ended:
+                return 0
+            chunk = self._chunks.get()
+            if chunk is None:
+                self._ended = True
+                return 0
+            self._buf = memoryview(chunk)
+        n = min(len(buffer), len(self._buf))
+        buffer[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def drain(self) -> None:
+        while not self._ended:
+            if self._chunks.get() is None:
+                self._ended = True
+
+
+class StreamIndexer:
+    """Indexes an uncompressed layer while it arrives, on a thread of its own: feed it
+    every chunk, then ``finish()``. An index is made only of a layer that scans
+    cleanly; any problem leaves none, and the flattener scans the stored blob again
+    (so that the error names the layer's digest)."""
+
+    def __init__(self, depth: int = 16) -> None:
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._reader = _QueueReader(self._chunks)
+        self.index: LayerIndex | None = None
+        self._thread = threading.Thread(target=self._work, name="oci2disk-index", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        stream = ForwardReader(io.BufferedReader(self._reader, CHUNK))
+        found: list[LayerIndex] = []
+        try:
+            for _ in indexing(members(stream, "(arriving)", None), found.append):
+                pass
+        except Exception:  # the blob is scanned again, and reports it
+            found.clear()
+        finally:
+            self._reader.drain()
+        self.index = found[0] if found else None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._thread.is_alive():
+            self._chunks.put(chunk)
+
+    def finish(self) -> LayerIndex | None:
+        if self._thread.is_alive():
+            self._chunks.put(None)
+            self._thread.join()
+        return self.index

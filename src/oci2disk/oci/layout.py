@@ -18,10 +18,10 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
 from oci2disk.arch import Arch
 from oci2disk.bytestreams import CHUNK, ForwardReader, HashingCopier
@@ -432,6 +432,18 @@ def host_platform() -> Platform:
 # ---------------------------------------------------------------- writing layouts
 
 
+class BlobTap(Protocol):
+    """Sees a blob's bytes while it is stored (the cache indexes layers so)."""
+
+    def feed(self, chunk: bytes, /) -> None: ...
+
+    def close(self, desc: Descriptor | None, /) -> None: ...
+
+
+# Makes a tap for each uncompressed layer of an archive being read.
+TapFactory = Callable[[], BlobTap]
+
+
 class LayoutWriter:
     """Builds an OCI layout in a directory; blobs are content addressed."""
 
@@ -455,28 +467,37 @@ class LayoutWriter:
     def add_stream(self, stream: IO[bytes], media_type: str) -> Descriptor:
         return self.add_chunks(iter(lambda: stream.read(CHUNK), b""), media_type)
 
-    def add_chunks(self, chunks: Iterable[bytes], media_type: str) -> Descriptor:
+    def add_chunks(
+        self, chunks: Iterable[bytes], media_type: str, tap: BlobTap | None = None
+    ) -> Descriptor:
         """Store a blob arriving in pieces; it is hashed and written on another thread
-        while the next piece is read."""
+        while the next piece is read. ``tap`` sees every piece too, then the blob's
+        descriptor (None when storing failed)."""
         fd, tmpname = tempfile.mkstemp(dir=self.layout / "blobs" / "sha256", prefix=".in-")
+        desc: Descriptor | None = None
         try:
             with os.fdopen(fd, "wb") as out:
                 copier = HashingCopier(out)
                 try:
                     for chunk in chunks:
+                        if tap is not None:
+                            tap.feed(chunk)
                         copier.write(chunk)
                 finally:
                     copier.close()
                 hexdigest, size = copier.finish()
-            digest = "sha256:" + hexdigest
+            desc = Descriptor(media_type, "sha256:" + hexdigest, size)
+            target = blob_path(self.layout, desc.digest)
+            os.replace(tmpname, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmpname)
             raise
-        target = blob_path(self.layout, digest)
-        os.replace(tmpname, target)
-        remember_verified(target, digest)
-        return Descriptor(media_type, digest, size)
+        finally:
+            if tap is not None:
+                tap.close(desc)
+        remember_verified(target, desc.digest)
+        return desc
 
     def add_image(
         self,
@@ -532,13 +553,18 @@ def layout_from_docker_archive(stream: IO[bytes], layout: Path, tag: str | None)
     return open_layout(layout, tag)
 
 
-def image_from_docker_archive(stream: IO[bytes], layout: Path) -> OciImage:
+def image_from_docker_archive(
+    stream: IO[bytes], layout: Path, taps: TapFactory | None = None
+) -> OciImage:
     """Add the image of a ``docker save`` tar to a layout shared by many images (the
-    cache): its blobs only, the index untouched."""
-    return load_manifest(layout, _read_docker_archive(stream, LayoutWriter(layout)))
+    cache): its blobs only, the index untouched. ``taps`` makes a tap that sees each
+    uncompressed layer as it arrives."""
+    return load_manifest(layout, _read_docker_archive(stream, LayoutWriter(layout), taps))
 
 
-def _read_docker_archive(stream: IO[bytes], writer: LayoutWriter) -> Descriptor:
+def _read_docker_archive(
+    stream: IO[bytes], writer: LayoutWriter, taps: TapFactory | None = None
+) -> Descriptor:
     """Write a ``docker save`` tar's blobs and an OCI manifest; return the manifest's
     descriptor.
 
@@ -571,7 +597,7 @@ def _read_docker_archive(stream: IO[bytes], writer: LayoutWriter) -> Descriptor:
             elif name.endswith(".json") and "/" not in name and name != "repositories":
                 by_name[name] = writer.add_bytes(_read_exactly(reader, member.size), MT_OCI_CONFIG)
             elif name.endswith(".tar") or name.startswith("blobs/"):
-                by_name[name] = _store_member(reader, member.size, writer)
+                by_name[name] = _store_member(reader, member.size, writer, taps)
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise  # the workspace's filesystem is full: the archive is fine
@@ -615,7 +641,9 @@ def _read_exactly(reader: ForwardReader, size: int) -> bytes:
     return data
 
 
-def _store_member(reader: ForwardReader, size: int, writer: LayoutWriter) -> Descriptor:
+def _store_member(
+    reader: ForwardReader, size: int, writer: LayoutWriter, taps: TapFactory | None
+) -> Descriptor:
     """A layer (or Docker >= 25's blob) of a docker-archive, read in pieces into a blob;
     a gzip or zstd layer keeps its compression (``docker load`` takes those too)."""
     first = reader.read(min(size, CHUNK))
@@ -636,7 +664,8 @@ def _store_member(reader: ForwardReader, size: int, writer: LayoutWriter) -> Des
         if len(first) < min(size, CHUNK):
             raise EOFError("the archive ends inside a layer")
 
-    return writer.add_chunks(chunks(), media_type)
+    tap = taps() if taps is not None and media_type == MT_OCI_LAYER else None
+    return writer.add_chunks(chunks(), media_type, tap)
 
 
 def layout_from_rootfs_tar(

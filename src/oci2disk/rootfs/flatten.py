@@ -22,21 +22,21 @@ Host tools: none.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
 from oci2disk.errors import ImageError, LayerError
-from oci2disk.oci.layers import diff_id_error, layer_file
+from oci2disk.oci import cache
+from oci2disk.oci.layers import diff_id_error, file_members, indexing, layer_file
 from oci2disk.oci.layout import OciImage
 from oci2disk.rootfs.flat import FlatRootfs
-from oci2disk.rootfs.model import ENCODING, ERRORS, NS, Kind, pax_xattrs
+from oci2disk.rootfs.model import NS, Kind, pax_xattrs
 from oci2disk.rootfs.tree import (
     IMPLIED_DIR_MODE,
     IMPLIED_META,
@@ -61,7 +61,6 @@ PLACEHOLDERS = (b"hosts", b"hostname", b"resolv.conf")
 DOCKERENV = b".dockerenv"
 # One entry's headers (PAX records, GNU long names, sparse maps) may not exceed this:
 # a hostile layer must not make the flattener allocate what it likes.
-HEADER_LIMIT = 16 << 20
 ID_MAX = 0xFFFFFFFF  # uid_t and gid_t are 32 bits
 XATTR_MAX = 65536  # bytes of one xattr value Linux takes (XATTR_SIZE_MAX)
 
@@ -92,50 +91,6 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
     return int(info.mtime) * NS
 
 
-class _HeaderLimit(Exception):
-    pass
-
-
-class _HeaderReader:
-    """The file object tarfile reads a layer through.
-
-    tarfile reads headers with read() and skips file data with seek(), so every byte
-    read() returns is header data: capping it per entry bounds memory whatever a
-    header claims. A second read at end of file means tarfile is looping on a
-    truncated header (it does on a GNU 1.0 sparse map), so that ends the layer too.
-    """
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.budget = HEADER_LIMIT
-        self.at_eof = False
-
-    def read(self, size: int = -1, /) -> bytes:
-        if size < 0 or size > self.budget:
-            raise _HeaderLimit
-        data = self.raw.read(size)
-        self.budget -= len(data)
-        if data:
-            self.at_eof = False
-        elif size:
-            if self.at_eof:
-                raise EOFError("the layer ends inside a tar header")
-            self.at_eof = True
-        return data
-
-    def write(self, b: bytes, /) -> int:
-        raise io.UnsupportedOperation("read only")
-
-    def seek(self, pos: int, whence: int = os.SEEK_SET, /) -> int:
-        return self.raw.seek(pos, whence)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def close(self) -> None:
-        pass
-
-
 class _Builder:
     """Applies layers, bottom first, to the merged tree."""
 
@@ -153,50 +108,25 @@ class _Builder:
 
     # ----------------------------------------------------------- one layer
 
-    def apply_layer(self, index: int, digest: str, layer: IO[bytes]) -> None:
+    def apply_layer(
+        self, index: int, digest: str, members: Iterable[tuple[tarfile.TarInfo, int]]
+    ) -> None:
+        """Apply one layer's members (its tar headers, each with the offset of the
+        header after it)."""
         if index > LAYER_MASK:
             raise ImageError(f"the image has more than {LAYER_MASK} layers")
         self.layer, self.digest = index, digest
         self.touched, self.pruned, self.linked_here = set(), set(), set()
-        size = os.fstat(layer.fileno()).st_size
-        if size == 0:
-            return  # an empty blob is an empty layer
-        layer.seek(0)
-        reader = _HeaderReader(layer)
         name = "(first entry)"
         try:
-            tar = tarfile.TarFile(fileobj=reader, mode="r", encoding=ENCODING, errors=ERRORS)
-            while True:
-                reader.budget = HEADER_LIMIT
-                info = tar.next()
-                if info is None:
-                    break
-                tar.members = []  # type: ignore[attr-defined]  # the tree is the index
+            for info, next_header in members:
                 name = info.name
-                self.member(info, tar.offset)
-            self.check_end(layer, tar.offset, size)
-        except _HeaderLimit:
-            raise self.fail(
-                f"{name} (or the entry after it)",
-                f"has more than {HEADER_LIMIT >> 20} MiB of tar headers",
-                hint="the layer is corrupt or hostile",
-            ) from None
-        except (tarfile.TarError, EOFError, ValueError, OverflowError, IndexError) as exc:
+                self.member(info, next_header)
+        except (ValueError, OverflowError, IndexError) as exc:
             raise ImageError(
                 f"layer {digest}: not a readable tar after entry {name!r} ({exc})",
                 hint="the layer is corrupt or truncated; export the image again",
             ) from None
-
-    def check_end(self, layer: IO[bytes], offset: int, size: int) -> None:
-        """tarfile stops quietly at a bad header; only zeros or the end of file may follow."""
-        tail = os.pread(layer.fileno(), 2 * BLOCK, offset)
-        if not tail.strip(b"\0"):
-            return
-        where = offset if tail[:BLOCK].strip(b"\0") else offset + BLOCK
-        raise ImageError(
-            f"layer {self.digest}: invalid tar header at byte {where} of {size}",
-            hint="the layer is corrupt or truncated; export the image again",
-        )
 
     def fail(self, name: str, problem: str, hint: str | None = None) -> LayerError:
         return LayerError(f"layer {self.digest}: entry {name!r}: {problem}", hint=hint)
@@ -474,7 +404,7 @@ def flatten(
             layer = pending[desc.digest][0].result()
             layers.append(layer)
             log.debug("layer %d/%d %s", index + 1, len(image.layers), desc.digest)
-            builder.apply_layer(index, desc.digest, layer)
+            builder.apply_layer(index, desc.digest, _members(image, desc.digest, layer))
         if drop_container_files:
             _drop_container_files(builder.root)
         return FlatRootfs(builder.root, layers, builder.linked, source_date_epoch)
@@ -488,6 +418,21 @@ def flatten(
         raise
     finally:
         pool.shutdown(wait=False)
+
+
+def _members(
+    image: OciImage, digest: str, layer: IO[bytes]
+) -> Iterator[tuple[tarfile.TarInfo, int]]:
+    """The layer's members: from the cache's index when the image is read from the
+    cache (made as the layer arrived, or by an earlier run), else from the layer's tar
+    headers now, then kept in the cache for the next run."""
+    store = cache.active()
+    if store is None or image.layout != store.root:
+        return file_members(layer, digest)
+    found = store.layer_index(digest)
+    if found is not None:
+        return iter(found.members)
+    return indexing(file_members(layer, digest), lambda index: store.remember_index(digest, index))
 
 
 def _drop_container_files(root: Dir) -> None:
