@@ -130,42 +130,52 @@ class ForwardReader:
 
 
 class HashingCopier:
-    """Writes chunks to a file and hashes them on a thread of its own, so that reading
-    the next chunk (from a socket, a decompressor) overlaps both: sha256 and file
-    writes release the GIL. ``write`` queues; ``finish`` waits and returns
+    """Writes chunks to a file and hashes them, each on a thread of its own, so that
+    reading the next chunk (from a socket, a decompressor) overlaps both: sha256 and
+    file writes release the GIL. ``write`` queues; ``finish`` waits and returns
     (sha256 hex, size). At most ``depth`` chunks wait in memory."""
 
     def __init__(self, out: BinaryIO, depth: int = 8) -> None:
-        self.out = out
         self.sha = hashlib.sha256()
         self.size = 0
-        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="oci2disk-hash", daemon=True)
-        self._thread.start()
+        self._workers = [
+            self._start(self.sha.update, depth, "oci2disk-hash"),
+            self._start(out.write, depth, "oci2disk-write"),
+        ]
 
-    def _work(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain: the writer learns of the error at its next write
-            try:
-                self.sha.update(chunk)
-                self.out.write(chunk)
-                self.size += len(chunk)
-            except BaseException as exc:  # re-raised in the caller's thread
-                self._error = exc
+    def _start(
+        self, consume: Callable[[bytes], object], depth: int, name: str
+    ) -> tuple[queue.Queue[bytes | None], threading.Thread]:
+        chunks: queue.Queue[bytes | None] = queue.Queue(depth)
+
+        def work() -> None:
+            while (chunk := chunks.get()) is not None:
+                if self._error is not None:
+                    continue  # drain: the writer learns of the error at its next write
+                try:
+                    consume(chunk)
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self._error = exc
+
+        thread = threading.Thread(target=work, name=name, daemon=True)
+        thread.start()
+        return chunks, thread
 
     def write(self, chunk: bytes) -> None:
         if self._error is not None:
             self.close()
             raise self._error
-        self._queue.put(chunk)
+        self.size += len(chunk)
+        for chunks, _ in self._workers:
+            chunks.put(chunk)
 
     def close(self) -> None:
-        """Stop the thread (at once or after the queued chunks); safe to call twice."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        """Stop the threads (after the queued chunks); safe to call twice."""
+        for chunks, thread in self._workers:
+            if thread.is_alive():
+                chunks.put(None)
+                thread.join()
 
     def finish(self) -> tuple[str, int]:
         self.close()

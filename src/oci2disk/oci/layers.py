@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
-from oci2disk.bytestreams import CHUNK, ForwardReader
+from oci2disk.bytestreams import CHUNK
 from oci2disk.compression import DECOMPRESS_ERRORS
 from oci2disk.errors import ImageError, LayerError
 from oci2disk.oci.layout import LAYER_COMPRESSION, Descriptor, OciImage, open_verified_blob
@@ -144,6 +144,18 @@ class LayerIndex:
     members: tuple[tuple[tarfile.TarInfo, int], ...]
 
 
+class Layer(Protocol):
+    """What a layer is read through: a file, or a stream that seeks only forward."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET, /) -> int: ...
+
+    def tell(self) -> int: ...
+
+    def seekable(self) -> bool: ...
+
+
 class _HeaderLimit(Exception):
     pass
 
@@ -157,7 +169,7 @@ class _HeaderReader:
     truncated header (it does on a GNU 1.0 sparse map), so that ends the layer too.
     """
 
-    def __init__(self, raw: IO[bytes] | ForwardReader) -> None:
+    def __init__(self, raw: Layer) -> None:
         self.raw = raw
         self.budget = HEADER_LIMIT
         self.at_eof = False
@@ -202,9 +214,7 @@ class _HeaderReader:
         pass
 
 
-def members(
-    layer: IO[bytes] | ForwardReader, digest: str, size: int | None
-) -> Iterator[tuple[tarfile.TarInfo, int]]:
+def members(layer: Layer, digest: str, size: int | None) -> Iterator[tuple[tarfile.TarInfo, int]]:
     """A layer's members with the offset of the header after each, read from its tar
     headers as they come (never its file data: that is skipped by seeking), so memory
     stays bounded whatever the layer holds.
@@ -302,35 +312,59 @@ def load_index(data: bytes) -> LayerIndex | None:
     return LayerIndex(tuple(members))
 
 
-class _QueueReader(io.RawIOBase):
-    """The reading end of a queue of chunks (None ends it)."""
+class _QueueStream:
+    """The reading end of a queue of chunks (None ends it), read front to back.
+
+    Skipping forward (tarfile seeks over file data) drops chunks without copying
+    them, so indexing a layer costs its headers, not its bytes."""
 
     def __init__(self, chunks: queue.Queue[bytes | None]) -> None:
         self._chunks = chunks
         self._buf = memoryview(b"")
+        self._position = 0
         self._ended = False
 
-    def readable(self) -> bool:
+    def _next(self) -> bool:
+        if self._ended:
+            return False
+        chunk = self._chunks.get()
+        if chunk is None:
+            self._ended = True
+            return False
+        self._buf = memoryview(chunk)
         return True
 
-    def readinto(self, buffer: Any) -> int:
-        while not self._buf:
-            if self._ended:
-                return 0
-            chunk = self._chunks.get()
-            if chunk is None:
-                self._ended = True
-                return 0
-            self._buf = memoryview(chunk)
-        n = min(len(buffer), len(self._buf))
-        buffer[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+    def read(self, size: int = -1, /) -> bytes:
+        parts: list[bytes] = []
+        want = size if size >= 0 else 1 << 62
+        while want > 0 and (self._buf or self._next()):
+            piece = self._buf[:want]
+            self._buf = self._buf[len(piece) :]
+            parts.append(bytes(piece))
+            want -= len(piece)
+            self._position += len(piece)
+        return b"".join(parts)
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET, /) -> int:
+        target = pos if whence == os.SEEK_SET else self._position + pos
+        if whence not in (os.SEEK_SET, os.SEEK_CUR) or target < self._position:
+            raise io.UnsupportedOperation("a stream only seeks forward")
+        while target > self._position and (self._buf or self._next()):
+            step = min(len(self._buf), target - self._position)
+            self._buf = self._buf[step:]
+            self._position += step
+        return self._position
+
+    def seekable(self) -> bool:
+        return False
 
     def drain(self) -> None:
-        while not self._ended:
-            if self._chunks.get() is None:
-                self._ended = True
+        while self._next():
+            pass
+        self._buf = memoryview(b"")
 
 
 class StreamIndexer:
@@ -341,21 +375,20 @@ class StreamIndexer:
 
     def __init__(self, depth: int = 16) -> None:
         self._chunks: queue.Queue[bytes | None] = queue.Queue(depth)
-        self._reader = _QueueReader(self._chunks)
+        self._stream = _QueueStream(self._chunks)
         self.index: LayerIndex | None = None
         self._thread = threading.Thread(target=self._work, name="oci2disk-index", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
-        stream = ForwardReader(io.BufferedReader(self._reader, CHUNK))
         found: list[LayerIndex] = []
         try:
-            for _ in indexing(members(stream, "(arriving)", None), found.append):
+            for _ in indexing(members(self._stream, "(arriving)", None), found.append):
                 pass
         except Exception:  # the blob is scanned again, and reports it
             found.clear()
         finally:
-            self._reader.drain()
+            self._stream.drain()
         self.index = found[0] if found else None
 
     def feed(self, chunk: bytes) -> None:
