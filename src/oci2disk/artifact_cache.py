@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,56 @@ def key(image: OciImage, outputs: Mapping[Format, Path], options: ConvertOptions
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class Staging:
+    """Copies of finished outputs made into the cache while the run goes on (while
+    they are hashed), taken by :func:`store`; what is not taken is removed."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="oci2disk-stage")
+        self._folder: Path | None = None
+        self._copies: dict[tuple[int, int], Future[Path]] = {}
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._folder is not None:
+            self.cache.discard_staging(self._folder)
+
+    def add(self, path: Path) -> None:
+        """Start copying ``path`` (a finished output under its temporary name)."""
+        if self._folder is None:
+            self._folder = self.cache.staging_folder()
+        st = path.stat()
+        target = self._folder / str(len(self._copies))
+        self._copies[(st.st_dev, st.st_ino)] = self._pool.submit(_clone, path, target)
+
+    def take(self, path: Path) -> Path | None:
+        """The copy of ``path`` (renamed since, the same file), or None."""
+        st = path.stat()
+        future = self._copies.pop((st.st_dev, st.st_ino), None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except OSError as exc:
+            log.debug("cache: staging %s failed (%s)", path, exc)
+            return None
+
+
+def _clone(source: Path, target: Path) -> Path:
+    clone_file(source, target)
+    return target
+
+
 def store(
-    cache: Cache, entry_key: str, outputs: Mapping[Format, Path], result: ConvertResult
+    cache: Cache,
+    entry_key: str,
+    outputs: Mapping[Format, Path],
+    result: ConvertResult,
+    staging: Staging | None = None,
 ) -> None:
     base = _base(outputs)
     files: dict[str, tuple[Path, str]] = {}
@@ -104,7 +153,7 @@ def store(
         "identity": list(result.identity),
     }
     try:
-        cache.store_artifacts(entry_key, files, meta)
+        cache.store_artifacts(entry_key, files, meta, staging.take if staging else None)
     except OSError as exc:  # a full disk costs the next run its shortcut, not this run
         log.warning("cache: outputs not stored (%s)", exc)
         return

@@ -92,10 +92,16 @@ def convert_image(
         if reused is not None:
             progress.message(f"    outputs unchanged: re-used from the cache ({key[:12]})")
             return reused
-    with flattened(image, ws, progress, options.source_date_epoch) as rootfs:
-        result = conv.convert(image, rootfs, outputs, options, ws, progress)
-    if store is not None and artifact_cache.cacheable(outputs):
-        artifact_cache.store(store, key, outputs, result)
+    if store is None or not artifact_cache.cacheable(outputs):
+        with flattened(image, ws, progress, options.source_date_epoch) as rootfs:
+            return conv.convert(image, rootfs, outputs, options, ws, progress)
+    # Each output is copied into the cache while it is hashed, on the other core.
+    with artifact_cache.Staging(store) as staging:
+        with flattened(image, ws, progress, options.source_date_epoch) as rootfs:
+            result = conv.convert(
+                image, rootfs, outputs, options, ws, progress, written=staging.add
+            )
+        artifact_cache.store(store, key, outputs, result, staging)
     return result
 
 

@@ -100,6 +100,9 @@ def test_a_cache_hit_reads_nothing_from_the_engine_but_its_inspect(
     cache_dir = tmp_path / "cache"
     convert(tiny_image, tmp_path / "first.tar", cache_dir, engine)
     assert saved(engine)
+    # The output was copied into the cache while it was hashed; no copy is left over.
+    assert [p.name for p in (cache_dir / "artifacts").iterdir() if p.name.startswith(".")] == []
+    assert len(list((cache_dir / "indexes").iterdir())) == 1  # indexed as it arrived
 
     # Another output name: the finished artifact is not re-used, the image is.
     engine.clear()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +86,17 @@ def convert(
     options: ConvertOptions,
     workspace: Workspace,
     progress: Progress = SILENT,
+    *,
+    written: Callable[[Path], None] | None = None,
 ) -> ConvertResult:
-    """Write every requested output; all or nothing (temp names, renamed at the end)."""
+    """Write every requested output; all or nothing (temp names, renamed at the end).
+
+    ``written`` is told of each finished output file (its temporary name) before it
+    is hashed: the cache copies it meanwhile.
+    """
     preflight(outputs)
     job = Job(image, rootfs, options, workspace, progress)
+    job.written = written
     pending: dict[Format, AtomicOutput | AtomicDirectory] = {}
     artifacts: list[Artifact] = []
     try:
@@ -137,6 +144,8 @@ def _task(job: Job, fmt: Format, tmp: Path) -> None:
     fmt.plugin.write(job, tmp)
     for path in [tmp, *(s.tmp for s in job.siblings.get(fmt.plugin, []))]:
         if path not in job.digests:
+            if job.written is not None:
+                job.written(path)
             job.digests[path] = sha256_file(path)
 
 

@@ -10,7 +10,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -98,6 +98,7 @@ class Job:
         self.added: list[str] = []  # paths a converter added to its output (cgz: init)
         self.warnings: list[str] = []
         self.digests: dict[Path, str] = {}  # sha256 of each temp output (a dir's: its tree)
+        self.written: Callable[[Path], None] | None = None  # told of each finished file
 
     def extra_for(self, disk_output: bool) -> list[ExtraFile]:
         """The generated files an output carries: all of them in a disk, else when asked."""

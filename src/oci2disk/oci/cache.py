@@ -38,7 +38,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,17 +314,26 @@ class Cache:
         return CachedArtifacts(entry, meta)
 
     def store_artifacts(
-        self, key: str, files: Mapping[str, tuple[Path, str]], meta: Mapping[str, Any]
+        self,
+        key: str,
+        files: Mapping[str, tuple[Path, str]],
+        meta: Mapping[str, Any],
+        staged: Callable[[Path], Path | None] | None = None,
     ) -> None:
         """Store ``files`` (name -> (path, sha256)) under ``key``; a run that stores the
-        same key at the same time wins or loses whole."""
+        same key at the same time wins or loses whole. ``staged`` gives a copy of a
+        file made earlier in this cache (:meth:`staging_folder`), moved in instead."""
         tmp = Path(tempfile.mkdtemp(dir=self.artifacts, prefix=".in-"))
         try:
             stamps: dict[str, Any] = {}
             (tmp / "files").mkdir()
             for name, (path, sha256) in files.items():
                 target = tmp / "files" / name
-                clone_file(path, target)
+                copy = staged(path) if staged is not None else None
+                if copy is not None:
+                    os.rename(copy, target)
+                else:
+                    clone_file(path, target)
                 os.chmod(target, 0o444)
                 stamps[name] = {"sha256": sha256}
             for name in stamps:
@@ -340,6 +349,14 @@ class Cache:
         except BaseException:
             _remove_tree(tmp, self.artifacts)
             raise
+
+    def staging_folder(self) -> Path:
+        """A folder for copies of outputs made before they are stored (removed by
+        :meth:`discard_staging`, or by eviction when its run died)."""
+        return Path(tempfile.mkdtemp(dir=self.artifacts, prefix=".in-"))
+
+    def discard_staging(self, folder: Path) -> None:
+        _remove_tree(folder, self.artifacts)
 
     def placed(self, key: str) -> dict[str, list[int]]:
         """Where this entry's files were last put (path -> stamp of the file there)."""
