@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -87,6 +88,7 @@ class Staging:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="oci2disk-stage")
         self._folder: Path | None = None
         self._copies: dict[tuple[int, int], Future[Path]] = {}
+        self._lock = threading.Lock()  # converters finish on threads of their own
 
     def __enter__(self) -> Staging:
         return self
@@ -98,16 +100,18 @@ class Staging:
 
     def add(self, path: Path) -> None:
         """Start copying ``path`` (a finished output under its temporary name)."""
-        if self._folder is None:
-            self._folder = self.cache.staging_folder()
         st = path.stat()
-        target = self._folder / str(len(self._copies))
-        self._copies[(st.st_dev, st.st_ino)] = self._pool.submit(_clone, path, target)
+        with self._lock:
+            if self._folder is None:
+                self._folder = self.cache.staging_folder()
+            target = self._folder / str(len(self._copies))
+            self._copies[(st.st_dev, st.st_ino)] = self._pool.submit(_clone, path, target)
 
     def take(self, path: Path) -> Path | None:
         """The copy of ``path`` (renamed since, the same file), or None."""
         st = path.stat()
-        future = self._copies.pop((st.st_dev, st.st_ino), None)
+        with self._lock:
+            future = self._copies.pop((st.st_dev, st.st_ino), None)
         if future is None:
             return None
         try:
