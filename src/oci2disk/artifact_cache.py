@@ -155,6 +155,7 @@ def store(
         "generated": list(result.generated),
         "warnings": list(result.warnings),
         "identity": list(result.identity),
+        "noise": list(result.noise),
     }
     try:
         cache.store_artifacts(entry_key, files, meta, staging.take if staging else None)
@@ -193,7 +194,8 @@ def reuse(cache: Cache, entry_key: str, outputs: Mapping[Format, Path]) -> Conve
             ),
             generated=tuple(meta["generated"]),
             warnings=tuple(meta["warnings"]),
-            identity=tuple(meta["identity"]),  # an entry from before: a miss
+            identity=tuple(meta["identity"]),
+            noise=tuple(meta["noise"]),  # an entry from before: a miss
         )
         sources = [entry.file(a["file"]) for a in meta["artifacts"]]
     except (KeyError, TypeError, ValueError):

@@ -77,6 +77,8 @@ class RunManifest:
     filesystem: Filesystem | None = None
     # What was taken out so that each machine is its own (machine-id, SSH host keys ...)
     identity: tuple[str, ...] = ()
+    # Logs and caches of the build's clock neutralised (SOURCE_DATE_EPOCH set)
+    build_noise: tuple[str, ...] = ()
     bootloader: Bootloader | None = None
     version: str = __version__
 
@@ -117,6 +119,7 @@ def from_run(
         recipe=recipe,
         filesystem=filesystem,
         identity=result.identity,
+        build_noise=result.noise,
         bootloader=None
         if result.bootloader is None
         else Bootloader(
@@ -173,6 +176,7 @@ def to_json(manifest: RunManifest) -> dict[str, Any]:
         "generated": list(manifest.generated),
         "warnings": list(manifest.warnings),
         "identity": list(manifest.identity),
+        "build_noise": list(manifest.build_noise),
         "options": options_json(manifest.options),
     }
     if manifest.recipe is not None:

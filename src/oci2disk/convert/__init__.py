@@ -67,6 +67,7 @@ class ConvertResult:
     generated: tuple[str, ...]
     warnings: tuple[str, ...] = ()  # what an output could not keep (a dir made without root)
     identity: tuple[str, ...] = ()  # machine-id, SSH host keys ... taken out of the outputs
+    noise: tuple[str, ...] = ()  # logs and caches of the build's clock (SOURCE_DATE_EPOCH)
     bootloader: bootable.Installed | None = None  # what the disk boots with on its own
 
 
@@ -135,6 +136,7 @@ def convert(
         generated=(*(e.path for e in job.generated if carried), *job.added),
         warnings=tuple(job.warnings),
         identity=job.identity_edits.paths if edited else (),
+        noise=job.noise_edits.paths if edited else (),
         bootloader=job.installed,
     )
 

@@ -25,6 +25,7 @@ from oci2disk.progress import Progress
 from oci2disk.rootfs import ExtraFile
 from oci2disk.rootfs.flat import FlatRootfs
 from oci2disk.rootfs.identity import IdentityEdits, identity_edits
+from oci2disk.rootfs.noise import build_noise
 from oci2disk.workspace import AtomicOutput, Workspace
 
 if TYPE_CHECKING:
@@ -53,7 +54,12 @@ class Job:
         # must not share the image's machine-id, SSH host keys and random seed.
         self.plain_rootfs = rootfs
         self.identity_edits = IdentityEdits() if options.keep_identity else identity_edits(rootfs)
-        edits = self.identity_edits
+        # A reproducible build asked for: the logs and caches that record the build's
+        # clock are neutralised too.
+        self.noise_edits = (
+            build_noise(rootfs) if options.source_date_epoch is not None else IdentityEdits()
+        )
+        edits = self.identity_edits + self.noise_edits
         if edits:
             rootfs = rootfs.edited(files=edits.files, dirs=edits.dirs, remove=edits.remove)
         self.rootfs = rootfs

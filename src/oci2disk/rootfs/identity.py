@@ -53,6 +53,11 @@ class IdentityEdits:
     def __bool__(self) -> bool:
         return bool(self.files or self.dirs or self.remove)
 
+    def __add__(self, other: IdentityEdits) -> IdentityEdits:
+        return IdentityEdits(
+            self.files + other.files, self.dirs + other.dirs, self.remove + other.remove
+        )
+
 
 def identity_edits(tree: Tree) -> IdentityEdits:
     """What to change in ``tree`` so that each machine booted from it is its own."""
@@ -61,12 +66,12 @@ def identity_edits(tree: Tree) -> IdentityEdits:
     remove: list[str] = []
 
     machine_id = tree.lookup("etc/machine-id")
-    if _plain_file(machine_id) and machine_id is not None and machine_id.size:
+    if plain_file(machine_id) and machine_id is not None and machine_id.size:
         files.append(ExtraFile("etc/machine-id", b"", mode=machine_id.mode, uid=0, gid=0))
     dbus_id = tree.lookup("var/lib/dbus/machine-id")
-    if _plain_file(dbus_id):
+    if plain_file(dbus_id):
         remove.append("var/lib/dbus/machine-id")
-    remove += [path for path in RANDOM_SEEDS if _plain_file(tree.lookup(path))]
+    remove += [path for path in RANDOM_SEEDS if plain_file(tree.lookup(path))]
 
     ssh = tree.lookup("etc/ssh")
     keys: list[str] = []
@@ -77,7 +82,7 @@ def identity_edits(tree: Tree) -> IdentityEdits:
             if e.path.startswith("etc/ssh/")
             and "/" not in e.path[len("etc/ssh/") :]
             and _HOST_KEY.match(e.path[len("etc/ssh/") :])
-            and _plain_file(e)
+            and plain_file(e)
         ]
     if keys:
         remove += keys
@@ -89,8 +94,9 @@ def identity_edits(tree: Tree) -> IdentityEdits:
     return IdentityEdits(tuple(files), tuple(dirs), tuple(remove))
 
 
-def _plain_file(entry: Entry | None) -> bool:
-    # A hard-linked one is left alone: removing one name of a set changes the others.
+def plain_file(entry: Entry | None) -> bool:
+    """A regular file with one name (removing one name of a hard-link set, or
+    changing it, would change the others)."""
     return entry is not None and entry.kind is Kind.FILE and not entry.link_group
 
 
