@@ -52,6 +52,9 @@ def compare(title: str, methods: dict[str, Callable[[Path], None]], runs: int, b
     times: dict[str, list[float]] = {name: [] for name in methods}
     for i in range(runs):
         for name, fn in methods.items():
+            # What the run before left for the kernel to write back (GiBs of disk images)
+            # must not slow this one: written out first, outside the timing.
+            os.sync()
             seconds, peak = measure(fn)
             times[name].append(seconds)
             print(f"  run {i + 1}  {name:<12} {seconds:6.2f} s  peak RSS {peak / 1024:6.1f} MiB")

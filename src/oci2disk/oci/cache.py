@@ -62,9 +62,11 @@ from oci2disk.oci.layout import (
     Descriptor,
     LayoutWriter,
     OciImage,
+    Platform,
     blob_path,
     canonical_json,
     image_from_docker_archive,
+    image_from_oci_archive,
     load_manifest,
     verify_blob,
 )
@@ -215,6 +217,15 @@ class Cache:
         digest."""
         image = self.uncompressed(
             image_from_docker_archive(stream, self.root, lambda: _IndexTap(self))
+        )
+        self.remember_image(image)
+        return image
+
+    def add_oci_archive(self, stream: IO[bytes], where: str, platform: Platform | None) -> OciImage:
+        """Read an oci-archive into the cache as it streams (blobs hashed against their
+        names, uncompressed layers indexed) and remember its image."""
+        image = self.uncompressed(
+            image_from_oci_archive(stream, self.root, where, platform, lambda: _IndexTap(self))
         )
         self.remember_image(image)
         return image

@@ -326,11 +326,20 @@ def open_layout(layout: Path, tag: str | None = None, platform: Platform | None 
             f"{layout} is not an OCI image layout (no oci-layout or index.json)",
             hint="make one with `skopeo copy`, `buildah push ... oci:DIR`, or `oci2disk bootstrap`",
         )
+    return resolve_index(index_file.read_bytes(), layout, tag, platform, os.fspath(index_file))
+
+
+def resolve_index(
+    data: bytes, layout: Path, tag: str | None, platform: Platform | None, where: str
+) -> OciImage:
+    """The image an OCI ``index.json`` (``data``, read from ``where``) names by ``tag``
+    (or its only one), its blobs in ``layout``."""
+    index_file = where
     try:
-        index = json.loads(index_file.read_bytes())
+        index = json.loads(data)
     except ValueError as exc:
         raise ImageError(f"{index_file}: not valid JSON ({exc})") from None
-    index = _expect_mapping(index, os.fspath(index_file))
+    index = _expect_mapping(index, index_file)
     entries = [
         Descriptor.from_json(m, f"{index_file} manifests[{i}]")
         for i, m in enumerate(_expect_list(index.get("manifests"), f"{index_file} manifests"))
@@ -348,7 +357,7 @@ def open_layout(layout: Path, tag: str | None = None, platform: Platform | None 
         raise ImageError(f"{index_file}: the layout holds no images")
     if len(entries) > 1 and platform is None:
         entries = [_pick_single(layout, entries)]
-    return _resolve(layout, entries, platform, str(index_file))
+    return _resolve(layout, entries, platform, index_file)
 
 
 def _pick_single(layout: Path, entries: list[Descriptor]) -> Descriptor:
@@ -664,8 +673,52 @@ def _store_member(
         if len(first) < min(size, CHUNK):
             raise EOFError("the archive ends inside a layer")
 
-    tap = taps() if taps is not None and media_type == MT_OCI_LAYER else None
+    # An uncompressed layer is indexed as it arrives; a config or manifest (JSON) is not.
+    looks_like_tar = media_type == MT_OCI_LAYER and first.lstrip()[:1] not in (b"{", b"[")
+    tap = taps() if taps is not None and looks_like_tar else None
     return writer.add_chunks(chunks(), media_type, tap)
+
+
+def image_from_oci_archive(
+    stream: IO[bytes],
+    layout: Path,
+    where: str,
+    platform: Platform | None = None,
+    taps: TapFactory | None = None,
+) -> OciImage:
+    """Read an ``oci-archive`` (a tarred OCI layout) as a stream: each blob is hashed
+    (it must match its name) and stored in ``layout`` as it arrives, the archive's
+    index.json is read, and the image it names is returned. Only ``blobs/sha256/*``
+    and ``index.json`` are read; links, devices and any other path are skipped."""
+    writer = LayoutWriter(layout)
+    index: bytes | None = None
+    reader = ForwardReader(stream)
+    try:
+        tar = tarfile.TarFile(fileobj=cast(IO[bytes], reader), mode="r")
+        for member in tar:
+            tar.members = []  # type: ignore[attr-defined]  # nothing to remember
+            name = os.path.normpath(member.name.lstrip("/"))
+            if not member.isfile() or member.sparse is not None:
+                continue
+            if name == "index.json":
+                index = _read_exactly(reader, member.size)
+            elif name.startswith("blobs/sha256/") and len(name) == len("blobs/sha256/") + 64:
+                desc = _store_member(reader, member.size, writer, taps)
+                if desc.digest != "sha256:" + name.rsplit("/", 1)[1]:
+                    raise ImageError(
+                        f"{where}: the blob stored as {name} has digest {desc.digest}",
+                        hint="the archive is corrupt or was altered; export the image again",
+                    )
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the workspace's filesystem is full: the archive is fine
+        raise ImageError(f"{where}: not a readable oci-archive ({exc})") from None
+    if index is None:
+        raise ImageError(
+            f"{where}: not an oci-archive (it has no index.json)",
+            hint="make one with `skopeo copy ... oci-archive:FILE` or `buildah push`",
+        )
+    return resolve_index(index, layout, None, platform, f"{where}: index.json")
 
 
 def layout_from_rootfs_tar(

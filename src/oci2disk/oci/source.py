@@ -7,8 +7,6 @@ Host tools: those of the transport (skopeo, dockerd), see :mod:`.transports`.
 
 from __future__ import annotations
 
-import errno
-import tarfile
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +16,7 @@ from oci2disk.oci import cache, transports
 from oci2disk.oci.layout import (
     OciImage,
     Platform,
+    image_from_oci_archive,
     layout_from_docker_archive,
     open_layout,
 )
@@ -69,9 +68,11 @@ def from_docker_archive(ref: ImageRef, workdir: Path, platform: Platform | None)
 
 def from_oci_archive(ref: ImageRef, workdir: Path, platform: Platform | None) -> OciImage:
     _require_file(ref)
-    dest = workdir / "image"
-    _extract_layout_archive(ref.path, dest)
-    return open_layout(dest, None, platform)
+    store = cache.active()
+    with ref.path.open("rb") as stream:
+        if store is not None:  # its layers kept by digest, like the engine's images
+            return store.add_oci_archive(stream, str(ref.path), platform)
+        return image_from_oci_archive(stream, workdir / "image", str(ref.path), platform)
 
 
 READERS: dict[Transport, Reader] = {
@@ -88,28 +89,3 @@ READERS: dict[Transport, Reader] = {
 def _require_file(ref: ImageRef) -> None:
     if not ref.path.is_file():
         raise ImageError(f"{ref}: {ref.path} is not a file")
-
-
-def _extract_layout_archive(archive: Path, dest: Path) -> None:
-    """Unpack an oci-archive; only the layout's own plain files, never links or escapes."""
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                name = Path(member.name.lstrip("./") or ".")
-                if member.isdir():
-                    continue
-                allowed = name.parts[:1] in (("blobs",), ("index.json",), ("oci-layout",))
-                if not member.isfile() or ".." in name.parts or not allowed:
-                    continue
-                target = dest / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                assert source is not None
-                with source, target.open("wb") as out:
-                    while chunk := source.read(1 << 20):
-                        out.write(chunk)
-    except (tarfile.TarError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise  # the workspace's filesystem is full: the archive is fine
-        raise ImageError(f"{archive}: not a readable oci-archive ({exc})") from None
