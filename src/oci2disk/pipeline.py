@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from oci2disk import artifact_cache, build, manifest, recipe, settings
 from oci2disk import convert as conv
 from oci2disk.boot import boot_artifact as boot_artifact
 from oci2disk.convert import Format
-from oci2disk.errors import ConvertError
+from oci2disk.errors import ConvertError, ImageError
 from oci2disk.oci import cache
 from oci2disk.oci.add import Addition
 from oci2disk.oci.layout import OciImage, Platform
@@ -81,9 +81,15 @@ def convert_image(
     options: conv.ConvertOptions,
     ws: Workspace,
     progress: Progress,
+    reopen: Callable[[], OciImage] | None = None,
 ) -> conv.ConvertResult:
     """Flatten ``image`` once and write every output from it; with a cache active,
-    outputs stored for the same image and options are copied instead."""
+    outputs stored for the same image and options are copied instead.
+
+    An image opened from the cache with :func:`cache.deferred_checks` has its layers
+    checked here, when they are about to be read; ``reopen`` opens it again (from its
+    source) when one of them is damaged.
+    """
     check_outputs(outputs, options)
     store = cache.active()
     if store is not None and artifact_cache.cacheable(outputs):
@@ -92,6 +98,14 @@ def convert_image(
         if reused is not None:
             progress.message(f"    outputs unchanged: re-used from the cache ({key[:12]})")
             return reused
+    if store is not None and not store.checked(image):
+        if reopen is None:
+            raise ImageError(
+                "a layer of the image in the cache was damaged (it is removed now)",
+                hint="run the command again: the image is read afresh from its source",
+            )
+        with progress.step("reading the image again (a cached layer was damaged)"):
+            image = reopen()
     if store is None or not artifact_cache.cacheable(outputs):
         with flattened(image, ws, progress, options.source_date_epoch) as rootfs:
             return conv.convert(image, rootfs, outputs, options, ws, progress)
@@ -166,10 +180,14 @@ def convert_ref(
     check_outputs(outputs, options)
     conv.preflight(formats)
     with Workspace() as ws:
-        with progress.step(f"opening {ref}"):
+        # Outputs stored for this image need none of its layers: they are checked only
+        # when they are read (convert_image), and then read again if one is damaged.
+        with progress.step(f"opening {ref}"), deferred(not additions):
             image = open_image(ref, ws.path, platform)
         image = with_additions(image, additions, ws, progress)
-        result = convert_image(image, outputs, options, ws, progress)
+        result = convert_image(
+            image, outputs, options, ws, progress, lambda: open_image(ref, ws.path, platform)
+        )
     made = manifest.from_run(source=str(ref), image=image, result=result, options=options)
     path = manifest.write(where, made)
     return RunResult(path, made, result)
@@ -227,15 +245,29 @@ def build_recipe(
     if keep_identity:
         options = replace(options, keep_identity=True)
     with Workspace() as ws:
-        image, source = build_image(rcp, builder, ws, progress, on_build_line)
+        with deferred(not additions):  # as in convert_ref
+            image, source = build_image(rcp, builder, ws, progress, on_build_line)
         image = with_additions(image, additions, ws, progress)
         outputs = conv.default_outputs(outdir, rcp.outputs.name, wanted, options)
-        result = convert_image(image, outputs, options, ws, progress)
+        result = convert_image(
+            image,
+            outputs,
+            options,
+            ws,
+            progress,
+            lambda: build_image(rcp, builder, ws, progress, on_build_line)[0],
+        )
     made = manifest.from_run(
         source=source, image=image, result=result, options=options, recipe=rcp.path
     )
     path = manifest.write(manifest.manifest_path(outdir, rcp.outputs.name), made)
     return RunResult(path, made, result)
+
+
+def deferred(when: bool) -> AbstractContextManager[None]:
+    """:func:`cache.deferred_checks` when ``when`` (an image with additions is copied
+    at once, and so read: its layers are checked then)."""
+    return cache.deferred_checks() if when else nullcontext()
 
 
 def build_image(

@@ -183,9 +183,18 @@ def test_a_corrupted_layer_is_detected_and_read_again(
         data[600] ^= 0xFF
         blob.write_bytes(bytes(data))
 
+    # Outputs stored for the image need none of its layers: re-used, nothing read.
     engine.clear()
-    convert(tiny_image, tmp_path / "after.tar", cache_dir, engine)
+    hit = convert(tiny_image, tmp_path / "good.tar", cache_dir, engine)
+    assert "re-used from the cache" in hit.stderr
+    assert only_inspect(engine), engine.paths()
+    assert (tmp_path / "good.tar").read_bytes() == good
+
+    # Another output needs the layers: the damaged one is found before it is read.
+    engine.clear()
+    after = convert(tiny_image, tmp_path / "after.tar", cache_dir, engine)
     assert saved(engine), "a corrupt layer must not be used"
+    assert "cached layer was damaged" in after.stderr
     assert (tmp_path / "after.tar").read_bytes() == good
 
     # and the entry is whole again: the next run is a hit
@@ -324,5 +333,37 @@ def test_two_builds_at_once_share_a_cache(tiny_image: str, tmp_path: Path) -> No
     with tarfile.open(expected) as tar:
         note = tar.extractfile("etc/note")
         assert note is not None and note.read() == b"built twice at once\n"
+    check = oci2disk("cache", "--cache-dir", os.fspath(cache_dir), "--verify")
+    assert check.code == 0 and "removed" not in check.stdout, check.stdout + check.stderr
+
+
+def test_a_build_whose_cached_layer_was_damaged_reads_the_image_again(
+    tiny_image: str, tmp_path: Path
+) -> None:
+    recipe = tmp_path / "damaged-recipe"
+    recipe.mkdir()
+    (recipe / "Dockerfile").write_text(f"FROM {tiny_image}\nCOPY note /etc/note\n")
+    (recipe / "note").write_text("read again\n")
+    (recipe / "recipe.toml").write_text('[outputs]\nformats = ["tar"]\n')
+    cache_dir = tmp_path / "cache"
+    first = oci2disk(
+        "build", os.fspath(recipe), "-o", os.fspath(tmp_path / "a"),
+        "--cache-dir", os.fspath(cache_dir),
+    )  # fmt: skip
+    assert first.code == 0, first.stderr
+    for blob in _layer_blobs(cache_dir):
+        data = bytearray(blob.read_bytes())
+        data[600] ^= 0xFF
+        blob.write_bytes(bytes(data))
+    # Another format: the stored tar does not serve, the layers are read and checked.
+    again = oci2disk(
+        "build", os.fspath(recipe), "-o", os.fspath(tmp_path / "b"), "--format", "tar,fs",
+        "--cache-dir", os.fspath(cache_dir),
+    )  # fmt: skip
+    assert again.code == 0, again.stderr
+    assert "cached layer was damaged" in again.stderr
+    [before] = (tmp_path / "a").glob("*.tar")
+    [after] = (tmp_path / "b").glob("*.tar")
+    assert after.read_bytes() == before.read_bytes()
     check = oci2disk("cache", "--cache-dir", os.fspath(cache_dir), "--verify")
     assert check.code == 0 and "removed" not in check.stdout, check.stdout + check.stderr

@@ -182,7 +182,9 @@ class Cache:
         """The image whose config is ``config_digest``, every blob checked, or None.
 
         A pointer or blob that is missing or does not match its digest is removed, so
-        the caller reads the image afresh and stores it again.
+        the caller reads the image afresh and stores it again. Inside
+        :func:`deferred_checks`, the layers (gigabytes) are checked later, by
+        :meth:`checked`, and only if they are read at all.
         """
         pointer = self.images / _hex(config_digest)
         try:
@@ -196,13 +198,31 @@ class Cache:
                 raise ImageError(f"cache: {pointer} names an image of another config")
             for layer in image.layers:
                 self._touch(layer.digest)
-                verify_blob(self.root, layer)
+                if not _DEFERRED.get():
+                    verify_blob(self.root, layer)
+                elif not blob_path(self.root, layer.digest).is_file():
+                    raise ImageError(f"cache: layer {layer.digest} is missing")
         except (ImageError, ValueError) as exc:
             log.warning("cache: discarding a damaged entry (%s)", exc)
             self._discard_image(pointer, desc)
             return None
         self._touch(desc.digest)
         return image
+
+    def checked(self, image: OciImage) -> bool:
+        """Check the layers of an image read from this cache (each is hashed once per
+        run); one that does not match its digest is removed with the image's entry,
+        and False returned: the caller reads the image again from its source."""
+        if image.layout != self.root:
+            return True
+        try:
+            for layer in image.layers:
+                verify_blob(self.root, layer)
+        except ImageError as exc:
+            log.warning("cache: discarding a damaged entry (%s)", exc)
+            self._discard_image(self.images / _hex(image.config_descriptor.digest), image.manifest)
+            return False
+        return True
 
     def remember_image(self, image: OciImage) -> None:
         """Record ``image`` (its blobs already in the cache) under its config digest."""
@@ -504,6 +524,23 @@ class _IndexTap:
         index = self.indexer.finish()
         if desc is not None and index is not None:
             self.cache.remember_index(desc.digest, index)
+
+
+# Set while an image is opened for a run that may re-use stored outputs: its layers
+# are then checked only when they are read (Cache.checked).
+_DEFERRED: ContextVar[bool] = ContextVar("oci2disk_cache_deferred", default=False)
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Open images from the cache without hashing their layers yet: a run whose
+    outputs are stored never reads them. The caller calls :meth:`Cache.checked`
+    before it reads the layers, and opens the image again when that says False."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
 
 
 # The cache the running command uses (set by the command line), None when off.
