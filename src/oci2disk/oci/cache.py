@@ -15,8 +15,10 @@ in place::
                               digest, options, oci2disk version)
     lock                      flock: shared while a run uses the cache, exclusive to evict
 
-Reading verifies: every blob of an image is hashed before the image is used (a blob
-that does not match is deleted and the image read afresh from its source); an artifact
+Reading verifies: every blob of an image is hashed before it is read (a blob that
+does not match is deleted and the image read afresh from its source; inside
+:func:`deferred_checks` the layers are hashed by :meth:`Cache.checked`, when a run
+is about to flatten them); a layer index carries the sha256 of its body; an artifact
 is used only if each file's size, mtime, ctime and inode are those recorded when it
 was stored (any write to it changes them; ``oci2disk cache --verify`` rehashes).
 Writes go to temporary names and are renamed into place, so two runs sharing a cache
