@@ -236,22 +236,13 @@ def sha256_file(path: Path) -> str:
         fd = f.fileno()
         size = os.fstat(fd).st_size
         position = 0
-        while position < size:
-            try:
-                data_at = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError as exc:  # ENXIO: only a hole is left
-                if exc.errno != errno.ENXIO:
-                    raise
-                data_at = size
+        for data_at, data_end in [*data_extents(fd, 0, size), (size, size)]:
             while position < data_at:  # a hole: zeros without reading
                 n = min(chunk, data_at - position)
                 h.update(zeros[:n])
                 position += n
-            if position >= size:
-                break
-            hole_at = os.lseek(fd, position, os.SEEK_HOLE)
-            while position < hole_at:
-                data = os.pread(fd, min(chunk, hole_at - position), position)
+            while position < data_end:
+                data = os.pread(fd, min(chunk, data_end - position), position)
                 if not data:
                     raise OSError(errno.EIO, f"{path} changed while it was being hashed")
                 h.update(data)

@@ -303,14 +303,19 @@ def test_quiet_runs_print_nothing_and_others_name_the_engine_transfer(
     assert f"opening docker-daemon:{tiny_image}: done in" in shown.stderr
 
 
-def test_two_builds_at_once_share_a_cache(tiny_image: str, tmp_path: Path) -> None:
-    recipe = tmp_path / "tiny-recipe"
-    recipe.mkdir()
-    (recipe / "Dockerfile").write_text(f"FROM {tiny_image}\nCOPY note /etc/note\n")
-    (recipe / "note").write_text("built twice at once\n")
-    (recipe / "recipe.toml").write_text(
+def tar_recipe(folder: Path, image: str, note: str) -> Path:
+    """A recipe that adds /etc/note to ``image`` and writes a tar."""
+    folder.mkdir()
+    (folder / "Dockerfile").write_text(f"FROM {image}\nCOPY note /etc/note\n")
+    (folder / "note").write_text(note)
+    (folder / "recipe.toml").write_text(
         '[build]\ndockerfile = "Dockerfile"\n\n[outputs]\nformats = ["tar"]\n'
     )
+    return folder
+
+
+def test_two_builds_at_once_share_a_cache(tiny_image: str, tmp_path: Path) -> None:
+    recipe = tar_recipe(tmp_path / "tiny-recipe", tiny_image, "built twice at once\n")
     cache_dir = tmp_path / "cache"
     results: dict[str, CliResult] = {}
 
@@ -340,11 +345,7 @@ def test_two_builds_at_once_share_a_cache(tiny_image: str, tmp_path: Path) -> No
 def test_a_build_whose_cached_layer_was_damaged_reads_the_image_again(
     tiny_image: str, tmp_path: Path
 ) -> None:
-    recipe = tmp_path / "damaged-recipe"
-    recipe.mkdir()
-    (recipe / "Dockerfile").write_text(f"FROM {tiny_image}\nCOPY note /etc/note\n")
-    (recipe / "note").write_text("read again\n")
-    (recipe / "recipe.toml").write_text('[outputs]\nformats = ["tar"]\n')
+    recipe = tar_recipe(tmp_path / "damaged-recipe", tiny_image, "read again\n")
     cache_dir = tmp_path / "cache"
     first = oci2disk(
         "build", os.fspath(recipe), "-o", os.fspath(tmp_path / "a"),

@@ -586,14 +586,9 @@ def _read_docker_archive(
     by_name: dict[str, Descriptor] = {}
     links: dict[str, str] = {}
     manifest_json: list[dict[str, Any]] | None = None
-    # tarfile reads the headers; the layers' data is read here in 1 MiB pieces (tarfile's
-    # stream mode reads 10 KiB at a time and copied every byte several times: it took
-    # longer than the engine took to send the image).
     reader = ForwardReader(stream)
-    try:
-        tar = tarfile.TarFile(fileobj=cast(IO[bytes], reader), mode="r")
-        for member in tar:
-            tar.members = []  # type: ignore[attr-defined]  # nothing to remember
+    with _archive_errors("not a readable docker-archive"):
+        for member in _archive_members(reader):
             name = os.path.normpath(member.name)
             if member.issym() or member.islnk():
                 base = os.path.dirname(name) if member.issym() else ""
@@ -607,10 +602,6 @@ def _read_docker_archive(
                 by_name[name] = writer.add_bytes(_read_exactly(reader, member.size), MT_OCI_CONFIG)
             elif name.endswith(".tar") or name.startswith("blobs/"):
                 by_name[name] = _store_member(reader, member.size, writer, taps)
-    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise  # the workspace's filesystem is full: the archive is fine
-        raise ImageError(f"not a readable docker-archive ({exc})") from None
     if not manifest_json or not isinstance(manifest_json, list):
         raise ImageError("docker-archive has no manifest.json", hint="make it with `docker save`")
 
@@ -639,6 +630,29 @@ def _read_docker_archive(
         "layers": [layer.to_json() for layer in layers],
     }
     return writer.add_bytes(canonical_json(manifest), MT_OCI_MANIFEST)
+
+
+@contextlib.contextmanager
+def _archive_errors(what: str) -> Iterator[None]:
+    """An archive that cannot be read is an ImageError starting with ``what``; a full
+    workspace stays an OSError (the archive is fine)."""
+    try:
+        yield
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ImageError(f"{what} ({exc})") from None
+
+
+def _archive_members(reader: ForwardReader) -> Iterator[tarfile.TarInfo]:
+    """The members of an archive arriving through ``reader``. tarfile reads only the
+    headers; the caller reads a member's data from ``reader`` itself, in 1 MiB pieces
+    (tarfile's stream mode reads 10 KiB at a time and copied every byte several times:
+    it took longer than the engine took to send the image)."""
+    tar = tarfile.TarFile(fileobj=cast(IO[bytes], reader), mode="r")
+    for member in tar:
+        tar.members = []  # type: ignore[attr-defined]  # nothing to remember
+        yield member
 
 
 def _read_exactly(reader: ForwardReader, size: int) -> bytes:
@@ -693,10 +707,8 @@ def image_from_oci_archive(
     writer = LayoutWriter(layout)
     index: bytes | None = None
     reader = ForwardReader(stream)
-    try:
-        tar = tarfile.TarFile(fileobj=cast(IO[bytes], reader), mode="r")
-        for member in tar:
-            tar.members = []  # type: ignore[attr-defined]  # nothing to remember
+    with _archive_errors(f"{where}: not a readable oci-archive"):
+        for member in _archive_members(reader):
             name = os.path.normpath(member.name.lstrip("/"))
             if not member.isfile() or member.sparse is not None:
                 continue
@@ -709,10 +721,6 @@ def image_from_oci_archive(
                         f"{where}: the blob stored as {name} has digest {desc.digest}",
                         hint="the archive is corrupt or was altered; export the image again",
                     )
-    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise  # the workspace's filesystem is full: the archive is fine
-        raise ImageError(f"{where}: not a readable oci-archive ({exc})") from None
     if index is None:
         raise ImageError(
             f"{where}: not an oci-archive (it has no index.json)",
